@@ -1,0 +1,24 @@
+"""CAV-MAE (Contrastive Audio-Visual Masked Autoencoder) for Hugging Face Transformers."""
+
+from .configuration_cav_mae import CavMaeConfig
+from .feature_extraction_cav_mae import CavMaeFeatureExtractor
+from .modeling_cav_mae import (
+    CavMaeForAudioVisualClassification,
+    CavMaeForPreTraining,
+    CavMaeModel,
+    CavMaePreTrainedModel,
+)
+from .registration import register_auto_classes
+
+__version__ = "0.1.0"
+
+register_auto_classes()
+
+__all__ = [
+    "CavMaeConfig",
+    "CavMaeFeatureExtractor",
+    "CavMaeModel",
+    "CavMaePreTrainedModel",
+    "CavMaeForPreTraining",
+    "CavMaeForAudioVisualClassification",
+]

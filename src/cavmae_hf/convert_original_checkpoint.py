@@ -1,0 +1,363 @@
+"""
+Convert an original CAV-MAE checkpoint (`YuanGongND/cav-mae`, a flat `.pth` state dict, usually saved from
+`nn.DataParallel` with a `module.` prefix) into a `save_pretrained` directory.
+
+    python -m cavmae_hf.convert_original_checkpoint --checkpoint cav-mae-scale++.pth --output cav-mae-scale++
+    python -m cavmae_hf.convert_original_checkpoint --checkpoint as-full-51.2.pth --output cav-mae-as2m
+
+Pretraining checkpoints (with decoder) become `CavMaeForPreTraining`, fine-tuned ones (with `mlp_head`)
+`CavMaeForAudioVisualClassification`, encoder-only ones `CavMaeModel`. Sizes, depths, the split between
+modality-specific and shared layers, the audio length and the number of labels are read from the tensor shapes.
+Every key must be mapped: unmapped or missing keys stop the conversion with their list.
+"""
+
+import argparse
+import csv
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .configuration_cav_mae import CavMaeConfig
+from .feature_extraction_cav_mae import CavMaeFeatureExtractor
+from .modeling_cav_mae import CavMaeForAudioVisualClassification, CavMaeForPreTraining, CavMaeModel
+
+AUDIOSET_NUM_LABELS = 527
+VGGSOUND_NUM_LABELS = 309
+
+
+class CheckpointConversionError(ValueError):
+    """The file is not an original CAV-MAE checkpoint, or some of its keys or shapes cannot be mapped."""
+
+
+# Original key patterns -> our names. `{i}` is a layer index, `{s}` a tensor suffix (weight/bias).
+_LAYER_PARTS = {
+    r"attn\.qkv": "attention.qkv",
+    r"attn\.proj": "attention.proj",
+    r"mlp\.fc1": "mlp.fc1",
+    r"mlp\.fc2": "mlp.fc2",
+}
+_STREAM_NORMS = {"": "joint", "_a": "audio", "_v": "visual"}
+_STACKS = {
+    "blocks_a": ("cav_mae.audio_layers", "audio"),
+    "blocks_v": ("cav_mae.visual_layers", "visual"),
+    "blocks_u": ("cav_mae.shared_layers", None),
+    "decoder_blocks": ("decoder.layers", "joint"),
+}
+_SINGLE_KEYS = {
+    "patch_embed_a.proj": "cav_mae.embeddings.audio_patch_embeddings",
+    "patch_embed_v.proj": "cav_mae.embeddings.visual_patch_embeddings",
+    "pos_embed_a": "cav_mae.embeddings.audio_position_embeddings",
+    "pos_embed_v": "cav_mae.embeddings.visual_position_embeddings",
+    "modality_a": "cav_mae.embeddings.audio_modality_embedding",
+    "modality_v": "cav_mae.embeddings.visual_modality_embedding",
+    "norm_a": "cav_mae.final_layernorm.audio",
+    "norm_v": "cav_mae.final_layernorm.visual",
+    "norm": "cav_mae.final_layernorm.joint",
+    "decoder_embed": "decoder.decoder_embed",
+    "mask_token": "decoder.mask_token",
+    "decoder_modality_a": "decoder.audio_modality_embedding",
+    "decoder_modality_v": "decoder.visual_modality_embedding",
+    "decoder_pos_embed_a": "decoder.audio_position_embeddings",
+    "decoder_pos_embed_v": "decoder.visual_position_embeddings",
+    "decoder_norm": "decoder.decoder_norm",
+    "decoder_pred_a": "decoder.audio_prediction",
+    "decoder_pred_v": "decoder.visual_prediction",
+    "mlp_head.0": "classifier.layernorm",
+    "mlp_head.1": "classifier.dense",
+}
+
+
+@dataclass
+class KeyMapping:
+    """Result of mapping an original state dict: our keys, and what could not be mapped or is unused by design."""
+
+    state_dict: dict = field(default_factory=dict)
+    unmapped: list = field(default_factory=list)
+    unused: list = field(default_factory=list)
+
+
+def map_key(key: str) -> str | None:
+    """
+    Our name for an original key, `""` for a key the original model carries but never uses (the audio/visual
+    LayerNorms of modality-specific and decoder layers: the reference's block class has them everywhere, but
+    only the shared layers use them), or `None` when the key is unknown.
+    """
+    match = re.fullmatch(r"(blocks_a|blocks_v|blocks_u|decoder_blocks)\.(\d+)\.(.+)\.(weight|bias)", key)
+    if match:
+        stack, index, part, suffix = match.groups()
+        prefix, own_stream = _STACKS[stack]
+        norm = re.fullmatch(r"norm([12])(|_a|_v)", part)
+        if norm:
+            position = "layernorm_before" if norm.group(1) == "1" else "layernorm_after"
+            stream = _STREAM_NORMS[norm.group(2)]
+            if own_stream is not None and stream != "joint":
+                return ""
+            return f"{prefix}.{index}.{position}.{own_stream or stream}.{suffix}"
+        for pattern, ours in _LAYER_PARTS.items():
+            if re.fullmatch(pattern, part):
+                return f"{prefix}.{index}.{ours}.{suffix}"
+        return None
+    stem, dot, suffix = key.rpartition(".")
+    if dot and suffix in ("weight", "bias") and stem in _SINGLE_KEYS:
+        return f"{_SINGLE_KEYS[stem]}.{suffix}"
+    if key in _SINGLE_KEYS:
+        return _SINGLE_KEYS[key]
+    return None
+
+
+def map_state_dict(original: dict) -> KeyMapping:
+    mapping = KeyMapping()
+    for key, tensor in original.items():
+        ours = map_key(key)
+        if ours is None:
+            mapping.unmapped.append(key)
+        elif ours == "":
+            mapping.unused.append(key)
+        else:
+            mapping.state_dict[ours] = tensor
+    return mapping
+
+
+# Loading ---------------------------------------------------------------------------------------------------------
+def load_original_state_dict(path) -> dict:
+    """Read a `.pth` with `torch.load(weights_only=True)` and strip the `module.` prefix of `nn.DataParallel`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointConversionError(f"Checkpoint not found: {path}")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip and unpickler errors all mean the same thing to the user
+        raise CheckpointConversionError(
+            f"{path} could not be read as a PyTorch checkpoint with weights_only=True ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}). It may be truncated, not a checkpoint, or a "
+            "pickle that needs arbitrary code, which is refused."
+        ) from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
+            loaded = loaded[wrapper]
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise CheckpointConversionError(f"{path} does not hold a flat state dict of tensors.")
+    return {key.removeprefix("module."): tensor for key, tensor in loaded.items()}
+
+
+# Configuration from shapes -------------------------------------------------------------------------------------
+def _count_layers(state_dict: dict, stack: str) -> int:
+    indices = {int(m.group(1)) for k in state_dict if (m := re.match(rf"{stack}\.(\d+)\.", k))}
+    return max(indices) + 1 if indices else 0
+
+
+def _shape(state_dict: dict, key: str):
+    if key not in state_dict:
+        raise CheckpointConversionError(
+            f"The checkpoint has no `{key}`: it is not an original CAV-MAE checkpoint (or it is truncated)."
+        )
+    return tuple(state_dict[key].shape)
+
+
+def infer_config(
+    state_dict: dict,
+    num_mel_bins: int = 128,
+    num_attention_heads: int | None = None,
+    decoder_num_attention_heads: int | None = None,
+    **overrides,
+) -> CavMaeConfig:
+    """
+    A `CavMaeConfig` read off the tensor shapes. Head counts are not visible in the weights: by default they
+    follow the released models (64-wide heads in the encoder, 32-wide in the decoder: 12 and 16 at ViT-B size).
+    """
+    hidden_size, num_channels, patch_size, _ = _shape(state_dict, "patch_embed_v.proj.weight")
+    num_audio_patches = _shape(state_dict, "pos_embed_a")[1]
+    num_visual_patches = _shape(state_dict, "pos_embed_v")[1]
+    freq_patches = num_mel_bins // patch_size
+    if num_audio_patches % freq_patches:
+        raise CheckpointConversionError(
+            f"{num_audio_patches} audio patches do not fit {num_mel_bins} mel bins with patch size {patch_size}."
+        )
+    image_side = round(num_visual_patches**0.5)
+    specific_layers = _count_layers(state_dict, "blocks_a")
+    shared_layers = _count_layers(state_dict, "blocks_u")
+    first_layer = "blocks_a.0" if specific_layers else "blocks_u.0"
+    config = dict(
+        hidden_size=hidden_size,
+        num_attention_heads=num_attention_heads or max(1, hidden_size // 64),
+        intermediate_size=_shape(state_dict, f"{first_layer}.mlp.fc1.weight")[0],
+        num_modality_specific_layers=specific_layers,
+        num_shared_layers=shared_layers,
+        patch_size=patch_size,
+        image_size=image_side * patch_size,
+        num_channels=num_channels,
+        num_mel_bins=num_mel_bins,
+        audio_length=num_audio_patches // freq_patches * patch_size,
+    )
+    if "decoder_embed.weight" in state_dict:
+        decoder_size = _shape(state_dict, "decoder_embed.weight")[0]
+        config.update(
+            decoder_hidden_size=decoder_size,
+            decoder_num_hidden_layers=_count_layers(state_dict, "decoder_blocks"),
+            decoder_num_attention_heads=decoder_num_attention_heads or max(1, decoder_size // 32),
+            decoder_intermediate_size=_shape(state_dict, "decoder_blocks.0.mlp.fc1.weight")[0],
+        )
+    if "mlp_head.1.weight" in state_dict:
+        config.update(trainable_position_embeddings=True, num_labels=_shape(state_dict, "mlp_head.1.weight")[0])
+    config.update({k: v for k, v in overrides.items() if v is not None})
+    return CavMaeConfig(**config)
+
+
+def model_class_for(state_dict: dict):
+    if any(key.startswith("decoder_") for key in state_dict):
+        return CavMaeForPreTraining
+    if any(key.startswith("mlp_head.") for key in state_dict):
+        return CavMaeForAudioVisualClassification
+    return CavMaeModel
+
+
+def read_label_csv(path) -> dict[int, str]:
+    """`index,mid,display_name` rows (the reference's label file) -> `{index: display_name}`."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or not {"index", "display_name"} <= set(rows[0]):
+        raise CheckpointConversionError(f"{path} must be a CSV with columns index,mid,display_name.")
+    return {int(row["index"]): row["display_name"] for row in rows}
+
+
+def default_labels(num_labels: int) -> dict[int, str] | None:
+    if num_labels == AUDIOSET_NUM_LABELS:
+        with resources.files("cavmae_hf").joinpath("data/audioset_labels.csv").open(encoding="utf-8") as handle:
+            return {int(row["index"]): row["display_name"] for row in csv.DictReader(handle)}
+    return None
+
+
+# Conversion --------------------------------------------------------------------------------------------------
+def convert_state_dict(original: dict, config: CavMaeConfig, model_class=None):
+    """Build the model for `config` and load the mapped weights into it, checking every key and shape."""
+    model_class = model_class or model_class_for(original)
+    mapping = map_state_dict(original)
+    model = model_class(config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(mapping.state_dict))
+    unexpected = sorted(set(mapping.state_dict) - set(expected))
+    mismatched = [
+        f"{key}: checkpoint {tuple(tensor.shape)} vs model {tuple(expected[key].shape)}"
+        for key, tensor in mapping.state_dict.items()
+        if key in expected and tensor.shape != expected[key].shape
+    ]
+    problems = []
+    if mapping.unmapped:
+        problems.append(f"keys of the checkpoint that map to nothing: {mapping.unmapped}")
+    if unexpected:
+        problems.append(f"keys the {model_class.__name__} does not have: {unexpected}")
+    if missing:
+        problems.append(f"keys of the {model_class.__name__} missing from the checkpoint: {missing}")
+    if mismatched:
+        problems.append(f"shape mismatches: {mismatched}")
+    if problems:
+        raise CheckpointConversionError("Cannot convert the checkpoint:\n- " + "\n- ".join(problems))
+    model.load_state_dict(mapping.state_dict, strict=True)
+    model._freeze_position_embeddings()
+    return model.eval(), mapping
+
+
+def convert_checkpoint(
+    checkpoint,
+    output_dir,
+    label_csv=None,
+    num_mel_bins: int = 128,
+    num_attention_heads: int | None = None,
+    decoder_num_attention_heads: int | None = None,
+    classification_mode: str | None = None,
+    problem_type: str | None = None,
+    source_name: str | None = None,
+):
+    """Convert `checkpoint` into `output_dir` (safetensors, config, feature-extractor config, model card)."""
+    original = load_original_state_dict(checkpoint)
+    model_class = model_class_for(original)
+    config = infer_config(
+        original,
+        num_mel_bins=num_mel_bins,
+        num_attention_heads=num_attention_heads,
+        decoder_num_attention_heads=decoder_num_attention_heads,
+        classification_mode=classification_mode,
+    )
+    if model_class is CavMaeForAudioVisualClassification:
+        labels = read_label_csv(label_csv) if label_csv else default_labels(config.num_labels)
+        if labels is not None:
+            if len(labels) != config.num_labels:
+                raise CheckpointConversionError(
+                    f"The label file has {len(labels)} labels but the checkpoint's head has {config.num_labels}."
+                )
+            config.id2label = labels
+            config.label2id = {name: index for index, name in labels.items()}
+        config.problem_type = problem_type or (
+            "multi_label_classification" if config.num_labels == AUDIOSET_NUM_LABELS else "single_label_classification"
+        )
+    model, mapping = convert_state_dict(original, config, model_class)
+    output_dir = Path(output_dir)
+    model.save_pretrained(output_dir)
+    CavMaeFeatureExtractor(max_length=config.audio_length, num_mel_bins=config.num_mel_bins).save_pretrained(output_dir)
+    _write_model_card(output_dir, model, source_name or Path(checkpoint).name)
+    return model, mapping
+
+
+def _write_model_card(output_dir: Path, model, source_name: str):
+    from .model_card import render_model_card
+
+    (output_dir / "README.md").write_text(render_model_card(model, source_name), encoding="utf-8")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m cavmae_hf.convert_original_checkpoint",
+        description="Convert an original CAV-MAE .pth checkpoint into a save_pretrained directory.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="original .pth file (flat state dict)")
+    parser.add_argument("--output", required=True, help="directory to write")
+    parser.add_argument("--label-csv", help="CSV with index,mid,display_name for id2label (AudioSet's ships)")
+    parser.add_argument("--num-mel-bins", type=int, default=128)
+    parser.add_argument("--num-attention-heads", type=int, help="encoder heads (default: hidden_size / 64)")
+    parser.add_argument("--decoder-num-attention-heads", type=int, help="decoder heads (default: width / 32)")
+    parser.add_argument(
+        "--classification-mode",
+        choices=("multimodal", "audio", "visual"),
+        help="what a fine-tuned model pools (audio-only and visual-only fine-tuned checkpoints need it)",
+    )
+    parser.add_argument(
+        "--problem-type",
+        choices=("single_label_classification", "multi_label_classification"),
+        help="default: multi-label for 527 (AudioSet) labels, single-label otherwise",
+    )
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        model, mapping = convert_checkpoint(
+            args.checkpoint,
+            args.output,
+            label_csv=args.label_csv,
+            num_mel_bins=args.num_mel_bins,
+            num_attention_heads=args.num_attention_heads,
+            decoder_num_attention_heads=args.decoder_num_attention_heads,
+            classification_mode=args.classification_mode,
+            problem_type=args.problem_type,
+        )
+    except (CheckpointConversionError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    summary = {
+        "output": str(args.output),
+        "model_class": type(model).__name__,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "unused_original_keys": len(mapping.unused),
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
