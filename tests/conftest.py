@@ -1,0 +1,50 @@
+"""Shared test helpers: the fixtures folder, tiny configurations, deterministic seeds."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = PROJECT_ROOT.parent / "shared" / "fixtures"
+
+
+def tiny_config_kwargs(**overrides):
+    """A CAV-MAE small enough for unit tests: 64 audio frames x 32 mel bins (8 patches), 32 x 32 frames (4)."""
+    kwargs = dict(
+        hidden_size=32,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_modality_specific_layers=2,
+        num_shared_layers=1,
+        patch_size=8,
+        image_size=32,
+        num_mel_bins=32,
+        audio_length=64,
+        decoder_hidden_size=16,
+        decoder_num_hidden_layers=2,
+        decoder_num_attention_heads=2,
+        decoder_intermediate_size=32,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+@pytest.fixture
+def fixtures_dir() -> Path:
+    if not FIXTURES.is_dir():
+        pytest.fail(f"Ground-truth fixtures not found at {FIXTURES}: the shared/ folder must sit beside the repo.")
+    return FIXTURES
+
+
+@pytest.fixture
+def tiny_config():
+    from cavmae_hf import CavMaeConfig
+
+    return CavMaeConfig(**tiny_config_kwargs())
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
