@@ -591,7 +591,6 @@ class CavMaeModel(CavMaePreTrainedModel):
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
     ) -> CavMaeModelOutput | tuple:
         r"""
         Args:
@@ -781,7 +780,7 @@ class CavMaeForPreTraining(CavMaePreTrainedModel):
         audio_noise: torch.Tensor | None = None,
         visual_noise: torch.Tensor | None = None,
         return_dict: bool | None = None,
-        **kwargs,
+        labels: torch.Tensor | None = None,
     ) -> CavMaeForPreTrainingOutput | tuple:
         r"""
         Args:
@@ -790,6 +789,8 @@ class CavMaeForPreTraining(CavMaePreTrainedModel):
             audio_noise (`torch.FloatTensor` of shape `(B, Na)`, *optional*): fixes the audio mask: the patches with
                 the smallest noise are kept. Without it, uniform noise (structured per `audio_mask_mode`) is drawn.
             visual_noise (`torch.FloatTensor` of shape `(B, Nv)`, *optional*): the same for the frames.
+            labels (*optional*): accepted and ignored, so that one labelled dataset serves pretraining and
+                fine-tuning (as the reference's data loader does).
         """
         config = self.config
         config.validate_cav_mae()
@@ -923,7 +924,6 @@ class CavMaeForAudioVisualClassification(CavMaePreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         return_dict: bool | None = None,
-        **kwargs,
     ) -> CavMaeClassifierOutput | tuple:
         r"""
         Args:
