@@ -71,6 +71,19 @@ _SINGLE_KEYS = {
     "mlp_head.1": "classifier.dense",
 }
 
+# Parameters stored under their own name, not as a module's weight/bias.
+_BARE_PARAMETERS = {
+    "pos_embed_a",
+    "pos_embed_v",
+    "modality_a",
+    "modality_v",
+    "mask_token",
+    "decoder_modality_a",
+    "decoder_modality_v",
+    "decoder_pos_embed_a",
+    "decoder_pos_embed_v",
+}
+
 
 @dataclass
 class KeyMapping:
@@ -105,7 +118,7 @@ def map_key(key: str) -> str | None:
     stem, dot, suffix = key.rpartition(".")
     if dot and suffix in ("weight", "bias") and stem in _SINGLE_KEYS:
         return f"{_SINGLE_KEYS[stem]}.{suffix}"
-    if key in _SINGLE_KEYS:
+    if key in _BARE_PARAMETERS:
         return _SINGLE_KEYS[key]
     return None
 
