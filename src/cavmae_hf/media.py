@@ -1,0 +1,417 @@
+"""
+Reading and writing media with PyAV (FFmpeg, bundled in its wheel) and soundfile: no subprocess, no torchaudio,
+no torchcodec.
+
+- `load_video(path)`: the audio track, resampled to 16 kHz mono, and frames sampled uniformly over the first
+  10 s, as the CAV-MAE reference prepared its data (audio: `ffmpeg -ar 16000` then the first channel; frames:
+  frame `int(i * total / 10)` of `total = min(frame count, 10 s of frames)`).
+- `load_audio(path)`: wav/flac/ogg/mp3 (soundfile, with PyAV as fallback) or the audio track of a video.
+- `resample(waveform, orig_rate, target_rate)`: FFmpeg's resampler (libswresample) through PyAV.
+- `write_video`, `write_audio`: small files for tests, demos and synthetic data.
+
+Decoding stops as soon as what is needed has been read, so memory and time stay bounded for long files.
+"""
+
+import math
+import os
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image
+
+DEFAULT_SAMPLING_RATE = 16000
+FRAME_WINDOW_SECONDS = 10.0
+# 1024 fbank frames of 25 ms every 10 ms need 10.255 s: a little more is decoded, nothing beyond.
+DEFAULT_AUDIO_SECONDS = 10.3
+
+
+class MediaError(ValueError):
+    """A media file is missing, unreadable, or lacks the stream that was asked for; the message says which."""
+
+
+@dataclass
+class VideoClip:
+    """What `load_video` read: mono float32 audio `[N]` at `sampling_rate` (None if not asked for) and RGB frames
+    (PIL images) with their presentation times in seconds."""
+
+    audio: np.ndarray | None
+    sampling_rate: int
+    frames: list = field(default_factory=list)
+    frame_times: list = field(default_factory=list)
+    duration: float | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Opening
+# ----------------------------------------------------------------------------------------------------------------
+def _open(path) -> "av.container.InputContainer":
+    path = Path(path)
+    if not path.exists():
+        raise MediaError(f"File not found: {path}")
+    if path.is_dir():
+        raise MediaError(f"{path} is a directory, not a media file.")
+    if path.stat().st_size == 0:
+        raise MediaError(f"{path} is empty (0 bytes).")
+    try:
+        return av.open(str(path), metadata_errors="ignore")
+    except (av.error.FFmpegError, UnicodeDecodeError) as error:
+        raise MediaError(f"{path} is not a readable media file ({_describe(error)}).") from None
+
+
+def _describe(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Audio
+# ----------------------------------------------------------------------------------------------------------------
+def _decode_audio_stream(container, path, sampling_rate: int, max_seconds, channel) -> np.ndarray:
+    """Mono float32 at `sampling_rate` from the first audio stream, at most `max_seconds` long."""
+    if not container.streams.audio:
+        raise MediaError(f"{path} has no audio stream.")
+    stream = container.streams.audio[0]
+    resampler = av.AudioResampler(format="fltp", layout=stream.layout.name if stream.layout else None, rate=sampling_rate)
+    limit = None if max_seconds is None else int(math.ceil(max_seconds * sampling_rate))
+    chunks, collected = [], 0
+    try:
+        for frame in container.decode(stream):
+            frame.pts = None  # the resampler keeps its own clock; gaps in timestamps are not silence to insert
+            for resampled in resampler.resample(frame):
+                chunks.append(resampled.to_ndarray())
+                collected += chunks[-1].shape[1]
+            if limit is not None and collected >= limit:
+                break
+        else:
+            for resampled in resampler.resample(None):
+                chunks.append(resampled.to_ndarray())
+    except av.error.FFmpegError as error:
+        if not chunks:
+            raise MediaError(f"{path}: the audio stream could not be decoded ({_describe(error)}).") from None
+    if not chunks:
+        raise MediaError(f"{path}: the audio stream holds no decodable samples.")
+    samples = np.concatenate(chunks, axis=1)  # [channels, N]
+    mono = samples.mean(axis=0) if channel == "mean" else samples[channel]
+    mono = mono[:limit] if limit is not None else mono
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def load_audio(path, sampling_rate: int = DEFAULT_SAMPLING_RATE, max_seconds=None, channel=0) -> tuple[np.ndarray, int]:
+    """
+    Read an audio file (wav, flac, ogg, mp3, ...) or the audio track of a video as mono float32 in [-1, 1] at
+    `sampling_rate`. `channel` picks the channel of multi-channel audio (the reference keeps the first, 0) or
+    `"mean"` mixes them. `max_seconds` stops reading early (None: the whole file). Returns `(waveform, rate)`.
+    """
+    path = Path(path)
+    waveform = _read_with_soundfile(path, max_seconds, channel)
+    if waveform is not None:
+        data, rate = waveform
+        if not np.isfinite(data).all():
+            raise MediaError(f"{path} contains NaN or Inf samples.")
+        return resample(data, rate, sampling_rate), sampling_rate
+    with _open(path) as container:
+        return _decode_audio_stream(container, path, sampling_rate, max_seconds, channel), sampling_rate
+
+
+def _read_with_soundfile(path: Path, max_seconds, channel):
+    """(float32 mono, rate) through soundfile, or None when soundfile cannot read the file (PyAV then tries)."""
+    try:
+        import soundfile
+    except ImportError:  # pragma: no cover
+        return None
+    if not path.exists():
+        raise MediaError(f"File not found: {path}")
+    if path.is_file() and path.stat().st_size == 0:
+        raise MediaError(f"{path} is empty (0 bytes).")
+    try:
+        with soundfile.SoundFile(str(path)) as handle:
+            frames = -1 if max_seconds is None else int(math.ceil(max_seconds * handle.samplerate))
+            data = handle.read(frames=frames, dtype="float32", always_2d=True)
+            rate = handle.samplerate
+    except Exception:  # soundfile raises several types for formats it does not know; PyAV gets a turn
+        return None
+    if data.shape[0] == 0:
+        raise MediaError(f"{path} holds no audio samples.")
+    mono = data.mean(axis=1) if channel == "mean" else data[:, channel]
+    return np.ascontiguousarray(mono, dtype=np.float32), rate
+
+
+def resample(waveform, orig_rate: int, target_rate: int) -> np.ndarray:
+    """
+    Resample mono audio `[N]` (or `[channels, N]`) from `orig_rate` to `target_rate` with FFmpeg's libswresample
+    (through PyAV), the resampler the reference's `ffmpeg -ar 16000` used. Returns float32.
+    """
+    waveform = np.asarray(waveform, dtype=np.float32)
+    if int(orig_rate) == int(target_rate):
+        return waveform
+    planar = waveform[None] if waveform.ndim == 1 else waveform
+    if planar.ndim != 2 or planar.shape[0] > 8:
+        raise MediaError(f"resample takes [samples] or [channels, samples] audio, got shape {waveform.shape}.")
+    layout = {1: "mono", 2: "stereo"}.get(planar.shape[0], f"{planar.shape[0]}c")
+    resampler = av.AudioResampler(format="fltp", layout=layout, rate=int(target_rate))
+    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(planar), format="fltp", layout=layout)
+    frame.sample_rate = int(orig_rate)
+    chunks = [f.to_ndarray() for f in resampler.resample(frame)]
+    chunks += [f.to_ndarray() for f in resampler.resample(None)]
+    result = np.concatenate(chunks, axis=1) if chunks else np.zeros((planar.shape[0], 0), np.float32)
+    expected = int(round(planar.shape[1] * target_rate / orig_rate))
+    result = result[:, :expected]
+    return result[0] if waveform.ndim == 1 else result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Video
+# ----------------------------------------------------------------------------------------------------------------
+def frame_indices(total_frames: int, num_frames: int) -> list[int]:
+    """The reference's uniform sampling: frame `int(i * total / num_frames)` for i in 0..num_frames-1."""
+    return [int(i * total_frames / num_frames) for i in range(num_frames)]
+
+
+def _video_frame_rate(stream) -> Fraction:
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    if not rate:
+        raise MediaError("The video stream declares no frame rate.")
+    return Fraction(rate)
+
+
+def _frames_in_window(stream, rate: Fraction, container, window_seconds: float) -> int:
+    """`min(frame count, window of frames)`, the count taken from the stream, else from the duration."""
+    window = int(float(rate) * window_seconds)
+    count = stream.frames
+    if not count:
+        duration = None
+        if stream.duration is not None and stream.time_base is not None:
+            duration = float(stream.duration * stream.time_base)
+        elif container.duration is not None:
+            duration = container.duration / av.time_base
+        count = int(duration * float(rate)) if duration else window
+    return max(1, min(count, window))
+
+
+def _to_rgb_image(frame) -> Image.Image:
+    image = frame.to_image()
+    rotation = getattr(frame, "rotation", 0) or 0
+    if rotation % 360:
+        # the display matrix turns counter-clockwise by `rotation` degrees; PIL's rotate is counter-clockwise too
+        image = image.rotate(rotation, expand=True)
+    return image
+
+
+def _decode_frames(container, path, num_frames: int, window_seconds: float):
+    """`num_frames` RGB frames by timestamp (robust to variable frame rate); decoding stops after the last one."""
+    if not container.streams.video:
+        raise MediaError(f"{path} has no video stream.")
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    rate = _video_frame_rate(stream)
+    total = _frames_in_window(stream, rate, container, window_seconds)
+    targets = [index / float(rate) for index in frame_indices(total, num_frames)]
+    start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+    frames, times, last = [], [], None
+    try:
+        for frame in container.decode(stream):
+            time = (frame.time if frame.time is not None else 0.0) - start
+            while len(frames) < len(targets) and time >= targets[len(frames)] - 0.5 / float(rate):
+                frames.append(_to_rgb_image(frame))
+                times.append(time)
+            last = frame
+            if len(frames) == len(targets):
+                break
+    except av.error.FFmpegError as error:
+        if last is None:
+            raise MediaError(f"{path}: the video stream could not be decoded ({_describe(error)}).") from None
+    if last is None:
+        raise MediaError(f"{path}: the video stream holds no decodable frames.")
+    while len(frames) < len(targets):  # a stream shorter than its header said: repeat its last frame
+        frames.append(_to_rgb_image(last))
+        times.append((last.time or 0.0) - start)
+    return frames, times
+
+
+def load_video(
+    path,
+    num_frames: int = 10,
+    sampling_rate: int = DEFAULT_SAMPLING_RATE,
+    load_audio: bool = True,
+    load_frames: bool = True,
+    audio_seconds=DEFAULT_AUDIO_SECONDS,
+    frame_window_seconds: float = FRAME_WINDOW_SECONDS,
+    channel=0,
+) -> VideoClip:
+    """
+    Read a video (mp4, webm, mkv, avi, ...) the way the CAV-MAE reference prepared its data.
+
+    Args:
+        num_frames: frames sampled uniformly over the first `frame_window_seconds` (or the whole video if shorter).
+        sampling_rate: rate of the returned audio.
+        load_audio / load_frames: skip a modality (its absence is then no error).
+        audio_seconds: how much audio to decode (default: what the model's 1024 fbank frames use; None: all).
+        channel: audio channel to keep (0, the reference's choice) or `"mean"`.
+    Raises:
+        MediaError: missing / empty / unreadable file, or no audio (video) stream when audio (frames) are asked for.
+    """
+    if num_frames < 1 and load_frames:
+        raise MediaError(f"num_frames must be at least 1, got {num_frames}.")
+    path = Path(path)
+    audio, frames, times, duration = None, [], [], None
+    with _open(path) as container:
+        if container.duration is not None:
+            duration = container.duration / av.time_base
+        if load_frames:
+            frames, times = _decode_frames(container, path, num_frames, frame_window_seconds)
+    if load_audio:
+        with _open(path) as container:  # a fresh demuxer: the audio is read from the start, whatever was decoded
+            audio = _decode_audio_stream(container, path, sampling_rate, audio_seconds, channel)
+    return VideoClip(audio=audio, sampling_rate=sampling_rate, frames=frames, frame_times=times, duration=duration)
+
+
+def load_frames_folder(folder, video_id: str, num_frames: int = 10, extension: str = "jpg") -> list[Image.Image]:
+    """The reference's pre-extracted frames: `folder/frame_{i}/{video_id}.jpg` for i in 0..num_frames-1."""
+    frames = []
+    for index in range(num_frames):
+        path = Path(folder) / f"frame_{index}" / f"{video_id}.{extension}"
+        if not path.is_file():
+            raise MediaError(f"Frame {index} of {video_id} not found at {path}.")
+        try:
+            with Image.open(path) as image:
+                frames.append(image.convert("RGB"))
+        except OSError as error:
+            raise MediaError(f"{path} is not a readable image ({_describe(error)}).") from None
+    return frames
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------------------------
+_CODECS = {
+    ".mp4": ("libx264", "aac"),
+    ".mkv": ("libx264", "aac"),
+    ".mov": ("libx264", "aac"),
+    ".webm": ("libvpx", "libopus"),
+    ".avi": ("mpeg4", "mp3"),
+}
+
+
+def _encoder_rate(codec: str, sampling_rate: int) -> int:
+    # Opus encodes at 48 kHz (and a few lower rates) only.
+    if codec in ("libopus", "opus") and sampling_rate not in (8000, 12000, 16000, 24000, 48000):
+        return 48000
+    return sampling_rate
+
+
+def _planar_audio(audio) -> np.ndarray:
+    audio = np.asarray(audio, dtype=np.float32)
+    planar = audio[None] if audio.ndim == 1 else audio
+    if planar.ndim != 2 or planar.shape[0] > 8:
+        raise MediaError(f"Audio to write must be [samples] or [channels, samples], got {audio.shape}.")
+    return np.ascontiguousarray(np.clip(planar, -1.0, 1.0))
+
+
+def _write_audio_stream(container, stream, planar: np.ndarray, sampling_rate: int):
+    """Feed `[channels, N]` float audio at `sampling_rate` to `stream` (resampled to its rate) in encoder-sized
+    frames."""
+    layout = stream.layout.name
+    resampler = av.AudioResampler(format=stream.format.name, layout=layout, rate=stream.rate)
+    step = stream.codec_context.frame_size or 1024
+    for start in range(0, planar.shape[1], step):
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(planar[:, start : start + step]), format="fltp", layout=layout)
+        frame.sample_rate = sampling_rate
+        for converted in resampler.resample(frame):
+            container.mux(stream.encode(converted))
+    for converted in resampler.resample(None):
+        container.mux(stream.encode(converted))
+    container.mux(stream.encode(None))
+
+
+def write_video(
+    path,
+    frames=None,
+    audio=None,
+    fps=25,
+    sampling_rate: int = 44100,
+    video_codec: str | None = None,
+    audio_codec: str | None = None,
+    rotation: int = 0,
+):
+    """
+    Write a small video file with PyAV. `frames`: uint8 `[N, H, W, 3]` (even H and W for h264), or None for an
+    audio-only file; `audio`: float in [-1, 1], `[samples]` or `[channels, samples]`, or None for a silent
+    video. `fps` may be fractional (`Fraction(30000, 1001)` or 29.97). Codecs default by extension
+    (mp4/mkv/mov: h264 + aac, webm: vp8 + opus, avi: mpeg4 + mp3). `rotation` sets a display-matrix rotation.
+    """
+    path = Path(path)
+    if frames is None and audio is None:
+        raise MediaError("write_video needs frames, audio or both.")
+    default_video, default_audio = _CODECS.get(path.suffix.lower(), ("libx264", "aac"))
+    rate = Fraction(fps).limit_denominator(1001) if not isinstance(fps, Fraction) else fps
+    with av.open(str(path), mode="w") as container:
+        video_stream = audio_stream = None
+        if frames is not None:
+            frames = np.asarray(frames, dtype=np.uint8)
+            video_stream = container.add_stream(video_codec or default_video, rate=rate)
+            video_stream.width, video_stream.height = frames.shape[2], frames.shape[1]
+            video_stream.pix_fmt = "yuv420p"
+            if rotation:
+                video_stream.set_display_rotation(rotation)
+        if audio is not None:
+            planar = _planar_audio(audio)
+            layout = {1: "mono", 2: "stereo"}.get(planar.shape[0], f"{planar.shape[0]}c")
+            codec = audio_codec or default_audio
+            audio_stream = container.add_stream(codec, rate=_encoder_rate(codec, sampling_rate), layout=layout)
+        if video_stream is not None:
+            for image in frames:
+                for packet in video_stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                    container.mux(packet)
+            container.mux(video_stream.encode(None))
+        if audio_stream is not None:
+            _write_audio_stream(container, audio_stream, planar, sampling_rate)
+    return path
+
+
+def write_audio(path, audio, sampling_rate: int = DEFAULT_SAMPLING_RATE, subtype: str | None = None):
+    """Write `[samples]` or `[channels, samples]` float audio with soundfile (wav, flac, ogg), or with PyAV for
+    formats soundfile cannot write (e.g. mp3, m4a)."""
+    import soundfile
+
+    path = Path(path)
+    planar = _planar_audio(audio)
+    if path.suffix.lower() in (".wav", ".flac", ".ogg"):
+        soundfile.write(str(path), planar.T, sampling_rate, subtype=subtype)
+        return path
+    codec = {".mp3": "libmp3lame", ".m4a": "aac", ".opus": "libopus"}.get(path.suffix.lower())
+    if codec is None:
+        raise MediaError(f"Cannot write audio with extension {path.suffix!r}.")
+    layout = {1: "mono", 2: "stereo"}.get(planar.shape[0], f"{planar.shape[0]}c")
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=_encoder_rate(codec, sampling_rate), layout=layout)
+        _write_audio_stream(container, stream, planar, sampling_rate)
+    return path
+
+
+def is_media_file(path) -> bool:
+    """Whether FFmpeg can open `path` (cheap: reads the header only)."""
+    try:
+        with _open(path):
+            return True
+    except MediaError:
+        return False
+
+
+__all__ = [
+    "MediaError",
+    "VideoClip",
+    "frame_indices",
+    "is_media_file",
+    "load_audio",
+    "load_frames_folder",
+    "load_video",
+    "resample",
+    "write_audio",
+    "write_video",
+]
+
+if os.environ.get("CAVMAE_AV_LOGGING") is None:
+    av.logging.set_level(av.logging.ERROR)  # FFmpeg's warnings about scraped files are noise; errors are raised
