@@ -1,0 +1,171 @@
+"""CavMaeFeatureExtractor against the reference front end (../shared/fixtures) and on bad input."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import FIXTURES
+from PIL import Image
+from transformers import AutoFeatureExtractor
+
+from cavmae_hf import CavMaeFeatureExtractor
+from cavmae_hf.feature_extraction_cav_mae import CavMaeFeatureExtractionError, kaldi_fbank
+
+FBANK = np.load(FIXTURES / "fbank_golden.npz")
+IMAGES = np.load(FIXTURES / "image_golden.npz")
+CLIPS = sorted(key[len("wave_") :] for key in FBANK.files if key.startswith("wave_"))
+CLIPS_16K = [name for name in CLIPS if int(FBANK[f"rate_{name}"]) == 16000]
+
+
+def compare(actual: np.ndarray, expected: np.ndarray, max_tolerance: float, mean_tolerance: float | None = None):
+    assert actual.shape == expected.shape
+    difference = np.abs(actual.astype(np.float64) - expected.astype(np.float64))
+    assert difference.max() <= max_tolerance, f"max {difference.max():.3g}"
+    if mean_tolerance is not None:
+        assert difference.mean() <= mean_tolerance, f"mean {difference.mean():.3g}"
+
+
+@pytest.mark.parametrize("name", CLIPS)
+def test_fbank_one_clip_at_its_own_rate(name):
+    wave, rate = FBANK[f"wave_{name}"], int(FBANK[f"rate_{name}"])
+    fbank, frames = kaldi_fbank(torch.from_numpy(wave)[None], sampling_rate=rate)
+    assert int(frames[0]) == FBANK[f"fbank_{name}"].shape[0]
+    compare(fbank[0].numpy(), FBANK[f"fbank_{name}"], 2e-2, 2e-4)
+
+
+@pytest.mark.parametrize("name", CLIPS)
+def test_fbank_float64_matches_torchaudio_float64(name):
+    wave, rate = FBANK[f"wave_{name}"], int(FBANK[f"rate_{name}"])
+    fbank, _ = kaldi_fbank(torch.from_numpy(wave.astype(np.float64))[None], sampling_rate=rate)
+    assert fbank.dtype == torch.float64
+    compare(fbank[0].numpy(), FBANK[f"fbank64_{name}"], 1e-8)
+
+
+def test_batched_clips_of_different_lengths_match_one_by_one():
+    extractor = CavMaeFeatureExtractor()
+    batch = extractor([FBANK[f"wave_{n}"] for n in CLIPS_16K], sampling_rate=16000, return_tensors="pt")
+    assert batch["input_features"].shape == (len(CLIPS_16K), 1024, 128)
+    for index, name in enumerate(CLIPS_16K):
+        compare(batch["input_features"][index].numpy(), FBANK[f"input_{name}"], 5e-3, 5e-5)
+        single = extractor(FBANK[f"wave_{name}"], sampling_rate=16000, return_tensors="np")["input_features"][0]
+        compare(single, batch["input_features"][index].numpy(), 1e-3)
+
+
+def test_attention_mask_marks_real_frames():
+    extractor = CavMaeFeatureExtractor(return_attention_mask=True)
+    out = extractor([np.zeros(16000, np.float32), np.zeros(4000, np.float32)], sampling_rate=16000, return_tensors="pt")
+    assert out["attention_mask"].sum(dim=1).tolist() == [98, 23]
+
+
+def test_integer_pcm_and_channels():
+    extractor = CavMaeFeatureExtractor()
+    wave = FBANK["wave_chirp_10s"]
+    reference = extractor(wave, sampling_rate=16000, return_tensors="pt")["input_features"]
+    pcm = (wave * 32767).astype(np.int16)
+    as_int16 = extractor(pcm, sampling_rate=16000, return_tensors="pt")["input_features"]
+    scaled = extractor(pcm.astype(np.float32) / 32768, sampling_rate=16000, return_tensors="pt")["input_features"]
+    assert torch.equal(as_int16, scaled)
+    pcm32 = pcm.astype(np.int32) << 16
+    assert torch.allclose(extractor(pcm32, sampling_rate=16000, return_tensors="pt")["input_features"], scaled, atol=1e-5)
+    stereo = np.stack([wave, np.zeros_like(wave)])
+    first = extractor([stereo], sampling_rate=16000, return_tensors="pt")["input_features"]
+    assert torch.allclose(first, reference, atol=1e-5)
+    channels_last = extractor([stereo.T], sampling_rate=16000, return_tensors="pt")["input_features"]
+    assert torch.allclose(channels_last, reference, atol=1e-5)
+    mixed = CavMaeFeatureExtractor(audio_channel="mean")([stereo], sampling_rate=16000, return_tensors="pt")
+    halved = extractor(wave / 2, sampling_rate=16000, return_tensors="pt")["input_features"]
+    assert torch.allclose(mixed["input_features"], halved, atol=1e-4)
+
+
+def test_torch_and_list_inputs():
+    extractor = CavMaeFeatureExtractor(max_length=64, num_mel_bins=32)
+    wave = np.random.default_rng(0).standard_normal(8000).astype(np.float32) * 0.1
+    from_numpy = extractor(wave, sampling_rate=16000, return_tensors="pt")["input_features"]
+    from_torch = extractor(torch.from_numpy(wave), sampling_rate=16000, return_tensors="pt")["input_features"]
+    from_list = extractor(wave.tolist(), sampling_rate=16000, return_tensors="pt")["input_features"]
+    assert from_numpy.shape == (1, 64, 32)
+    assert torch.equal(from_numpy, from_torch) and torch.allclose(from_numpy, from_list)
+    as_lists = extractor(wave, sampling_rate=16000)
+    assert isinstance(as_lists["input_features"], list) and as_lists["input_features"][0].shape == (64, 32)
+
+
+@pytest.mark.parametrize(
+    "audio,rate,message",
+    [
+        (np.zeros(16000, np.float32), 44100, "expects 16000 Hz"),
+        (np.array([0.1, np.nan] * 4000, np.float32), 16000, "NaN"),
+        (np.array([0.1, np.inf] * 4000, np.float32), 16000, "NaN or Inf"),
+        (np.zeros(0, np.float32), 16000, "empty"),
+        (np.zeros(100, np.float32), 16000, "shorter than one 25 ms frame"),
+        (np.zeros((2, 3, 16000), np.float32), 16000, "1-D .* or 2-D"),
+        ([], 16000, "Empty audio batch"),
+        ("not audio", 16000, "Unsupported audio"),
+    ],
+)
+def test_bad_audio_is_refused_with_a_clear_message(audio, rate, message):
+    with pytest.raises(CavMaeFeatureExtractionError, match=message):
+        CavMaeFeatureExtractor()(audio, sampling_rate=rate)
+
+
+def test_missing_sampling_rate_warns():
+    with pytest.warns(UserWarning, match="sampling_rate"):
+        CavMaeFeatureExtractor()(np.zeros(16000, np.float32))
+
+
+def test_silence_gives_the_log_floor_not_nan():
+    out = CavMaeFeatureExtractor(do_normalize=False)(np.zeros(16000, np.float32), sampling_rate=16000, return_tensors="pt")
+    features = out["input_features"][0, :98]
+    assert torch.isfinite(features).all() and torch.allclose(features, torch.tensor(np.log(np.finfo(np.float32).eps)))
+
+
+@pytest.mark.parametrize("name", [key[len("pixels_") :] for key in IMAGES.files])
+def test_images_match_torchvision(name):
+    image = Image.open(FIXTURES / "images" / f"{name}.png")
+    pixels = CavMaeFeatureExtractor()(images=image, return_tensors="np")["pixel_values"][0]
+    compare(pixels, IMAGES[f"pixels_{name}"], 1e-6)
+
+
+def test_image_input_kinds_and_frames():
+    extractor = CavMaeFeatureExtractor(image_size=32)
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    from_pil = extractor(images=Image.fromarray(array), return_tensors="pt")["pixel_values"]
+    from_array = extractor(images=array, return_tensors="pt")["pixel_values"]
+    from_tensor = extractor(images=torch.from_numpy(array).permute(2, 0, 1), return_tensors="pt")["pixel_values"]
+    from_float = extractor(images=array / 255.0, return_tensors="pt")["pixel_values"]
+    assert from_pil.shape == (1, 3, 32, 32)
+    assert torch.equal(from_pil, from_array) and torch.equal(from_pil, from_tensor) and torch.equal(from_pil, from_float)
+    frames = extractor(images=[[array, array, array], [array, array, array]], return_tensors="pt")["pixel_values"]
+    assert frames.shape == (2, 3, 3, 32, 32)
+    batch = extractor(images=[array, array], return_tensors="pt")["pixel_values"]
+    assert batch.shape == (2, 3, 32, 32)
+    cmyk = Image.fromarray(array).convert("CMYK")
+    assert extractor(images=cmyk, return_tensors="pt")["pixel_values"].shape == (1, 3, 32, 32)
+    sixteen = Image.fromarray(array[..., 0].astype(np.uint16) * 257)
+    assert sixteen.mode.startswith("I;16")
+    grey = extractor(images=Image.fromarray(array[..., 0]), return_tensors="pt")["pixel_values"]
+    assert torch.allclose(extractor(images=sixteen, return_tensors="pt")["pixel_values"], grey, atol=1e-5)
+
+
+def test_image_errors():
+    extractor = CavMaeFeatureExtractor(image_size=32)
+    array = np.zeros((40, 50, 3), np.uint8)
+    with pytest.raises(CavMaeFeatureExtractionError, match="same number of frames"):
+        extractor(images=[[array, array], [array]])
+    with pytest.raises(CavMaeFeatureExtractionError, match="NaN"):
+        extractor(images=np.full((40, 50, 3), np.nan))
+    with pytest.raises(CavMaeFeatureExtractionError, match="different batch sizes"):
+        extractor(audio=np.zeros(16000, np.float32), images=[array, array], sampling_rate=16000)
+
+
+def test_audio_and_images_together():
+    extractor = CavMaeFeatureExtractor()
+    out = extractor(audio=FBANK["wave_chirp_10s"], images=np.zeros((240, 320, 3), np.uint8), sampling_rate=16000, return_tensors="pt")
+    assert out["input_features"].shape == (1, 1024, 128) and out["pixel_values"].shape == (1, 3, 224, 224)
+
+
+def test_save_and_reload(tmp_path):
+    extractor = CavMaeFeatureExtractor(max_length=512, audio_mean=-4.0, audio_channel="mean", image_size=96)
+    extractor.save_pretrained(tmp_path)
+    for loaded in (CavMaeFeatureExtractor.from_pretrained(tmp_path), AutoFeatureExtractor.from_pretrained(tmp_path)):
+        assert isinstance(loaded, CavMaeFeatureExtractor)
+        assert loaded.to_dict() == extractor.to_dict()
