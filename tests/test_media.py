@@ -1,0 +1,143 @@
+"""Decoding real files written with PyAV: audio track, frame sampling, codecs, frame rates, and errors."""
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from cavmae_hf import media
+from cavmae_hf.media import MediaError
+
+AUDIO_RATE = 44100
+
+
+def tone(frequency: float, seconds: float = 3.0, rate: int = AUDIO_RATE) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.5 * np.sin(2 * np.pi * frequency * t)).astype(np.float32)
+
+
+def colour_ramp(count: int, height: int = 48, width: int = 64) -> np.ndarray:
+    """Frame i has red = round(255 * i / (count - 1)) everywhere and blue 128: its index is readable."""
+    frames = np.zeros((count, height, width, 3), np.uint8)
+    frames[..., 0] = np.round(np.linspace(0, 255, count)).astype(np.uint8)[:, None, None]
+    frames[..., 2] = 128
+    return frames
+
+
+def dominant_frequency(waveform: np.ndarray, rate: int) -> float:
+    spectrum = np.abs(np.fft.rfft(waveform * np.hanning(len(waveform))))
+    return np.argmax(spectrum) * rate / len(waveform)
+
+
+def band_energy(waveform: np.ndarray, frequency: float, rate: int = 16000) -> float:
+    spectrum = np.abs(np.fft.rfft(waveform))
+    centre = int(frequency * len(waveform) / rate)
+    return float(spectrum[centre - 20 : centre + 20].sum())
+
+
+@pytest.mark.parametrize(
+    "suffix,fps",
+    [(".mp4", 25), (".mp4", Fraction(30000, 1001)), (".webm", 25), (".mkv", 25), (".avi", 25)],
+)
+def test_stereo_44k_video_gives_16k_mono_first_channel_and_uniform_frames(tmp_path, suffix, fps):
+    count = int(round(3 * float(fps)))
+    path = media.write_video(
+        tmp_path / f"clip{suffix}", colour_ramp(count), np.stack([tone(440), tone(1500)]), fps=fps, sampling_rate=AUDIO_RATE
+    )
+    clip = media.load_video(path)
+    assert clip.sampling_rate == 16000 and clip.audio.dtype == np.float32
+    assert abs(len(clip.audio) - 48000) < 1200  # 3 s, give or take the codec's priming samples
+    assert abs(dominant_frequency(clip.audio, 16000) - 440) < 5  # the first channel, not a mix
+    assert len(clip.frames) == 10 and clip.frames[0].size == (64, 48) and clip.frames[0].mode == "RGB"
+    expected = [round(255 * i / (count - 1)) for i in media.frame_indices(count, 10)]
+    red = [np.asarray(frame)[24, 32, 0] for frame in clip.frames]
+    assert np.abs(np.array(red, float) - expected).max() < 12, (red, expected)
+
+
+def test_frames_are_taken_from_the_first_ten_seconds(tmp_path):
+    path = media.write_video(tmp_path / "long.mp4", colour_ramp(300, 32, 32), fps=25)  # 12 s
+    clip = media.load_video(path, load_audio=False)
+    assert clip.audio is None
+    assert [round(t, 2) for t in clip.frame_times] == [i * 25 / 25 for i in range(10)]
+
+
+def test_reference_frame_indices():
+    assert media.frame_indices(250, 10) == [0, 25, 50, 75, 100, 125, 150, 175, 200, 225]
+    assert media.frame_indices(75, 10) == [0, 7, 15, 22, 30, 37, 45, 52, 60, 67]
+
+
+def test_rotated_phone_video_is_turned_upright(tmp_path):
+    path = media.write_video(tmp_path / "rotated.mp4", colour_ramp(10, 48, 64), fps=25, rotation=90)
+    clip = media.load_video(path, load_audio=False, num_frames=2)
+    assert clip.frames[0].size == (48, 64)
+
+
+def test_audio_only_and_video_only_files(tmp_path):
+    audio_only = media.write_video(tmp_path / "audio.mp4", None, tone(1000), sampling_rate=AUDIO_RATE)
+    silent = media.write_video(tmp_path / "silent.mp4", colour_ramp(25), fps=25)
+    with pytest.raises(MediaError, match="no video stream"):
+        media.load_video(audio_only)
+    with pytest.raises(MediaError, match="no audio stream"):
+        media.load_video(silent)
+    assert len(media.load_video(audio_only, load_frames=False).audio) > 40000
+    assert len(media.load_video(silent, load_audio=False).frames) == 10
+
+
+@pytest.mark.parametrize("suffix", [".wav", ".flac", ".ogg", ".mp3"])
+def test_load_audio_files(tmp_path, suffix):
+    path = media.write_audio(tmp_path / f"tone{suffix}", np.stack([tone(700), tone(2000)]), AUDIO_RATE)
+    waveform, rate = media.load_audio(path)
+    assert rate == 16000 and abs(len(waveform) - 48000) < 2500
+    assert abs(dominant_frequency(waveform, 16000) - 700) < 5
+    mixed, _ = media.load_audio(path, channel="mean")
+    assert band_energy(mixed, 2000) > 0.2 * band_energy(mixed, 700)  # the mix holds the second channel's tone
+    assert band_energy(waveform, 2000) < 0.01 * band_energy(waveform, 700)
+
+
+def test_load_audio_of_a_video_track(tmp_path):
+    path = media.write_video(tmp_path / "clip.mp4", colour_ramp(10), tone(300), fps=25, sampling_rate=AUDIO_RATE)
+    waveform, rate = media.load_audio(path, sampling_rate=8000)
+    assert rate == 8000 and abs(dominant_frequency(waveform, 8000) - 300) < 5
+
+
+def test_resample_keeps_frequency_and_length():
+    resampled = media.resample(tone(1000, 1.0, 48000), 48000, 16000)
+    assert len(resampled) == 16000 and abs(dominant_frequency(resampled, 16000) - 1000) < 2
+
+
+def test_audio_decoding_stops_at_the_requested_length(tmp_path):
+    path = media.write_video(tmp_path / "clip.mp4", colour_ramp(25), tone(500, 3.0), fps=25, sampling_rate=AUDIO_RATE)
+    clip = media.load_video(path, audio_seconds=1.0, num_frames=1)
+    assert len(clip.audio) == 16000
+
+
+def test_error_cases(tmp_path):
+    with pytest.raises(MediaError, match="not found"):
+        media.load_video(tmp_path / "missing.mp4")
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    with pytest.raises(MediaError, match="empty"):
+        media.load_video(tmp_path / "empty.mp4")
+    (tmp_path / "text.mp4").write_text("this is not a video")
+    with pytest.raises(MediaError, match="not a readable media file"):
+        media.load_video(tmp_path / "text.mp4")
+    good = media.write_video(tmp_path / "good.mp4", colour_ramp(50), tone(440), fps=25, sampling_rate=AUDIO_RATE)
+    (tmp_path / "truncated.mp4").write_bytes(good.read_bytes()[: good.stat().st_size // 3])
+    with pytest.raises(MediaError):
+        media.load_video(tmp_path / "truncated.mp4")
+    with pytest.raises(MediaError, match="directory"):
+        media.load_video(tmp_path)
+    (tmp_path / "noise.wav").write_bytes(b"RIFF" + bytes(100))
+    with pytest.raises(MediaError):
+        media.load_audio(tmp_path / "noise.wav")
+
+
+def test_frames_folder_of_the_reference_layout(tmp_path):
+    from PIL import Image
+
+    for index in range(3):
+        (tmp_path / f"frame_{index}").mkdir()
+        Image.fromarray(colour_ramp(3)[index]).save(tmp_path / f"frame_{index}" / "vid.jpg")
+    frames = media.load_frames_folder(tmp_path, "vid", num_frames=3)
+    assert len(frames) == 3 and frames[0].mode == "RGB"
+    with pytest.raises(MediaError, match="Frame 3 of vid not found"):
+        media.load_frames_folder(tmp_path, "vid", num_frames=4)
