@@ -22,3 +22,7 @@ __all__ = [
     "CavMaeForPreTraining",
     "CavMaeForAudioVisualClassification",
 ]
+
+from .pipelines import register_pipelines  # noqa: E402  (after the Auto classes it loads models with)
+
+register_pipelines()

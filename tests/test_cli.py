@@ -1,0 +1,295 @@
+"""The `cavmae` command line: every subcommand end to end on tiny saved models, exit codes and error lines."""
+
+import importlib.machinery
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from conftest import FIXTURES
+from inference_helpers import save_tiny_classifier, save_tiny_pretraining, write_clip, write_wav
+from PIL import Image
+
+from cavmae_hf import cli
+
+SUBCOMMANDS = ["classify", "embed", "retrieve", "reconstruct"]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli")
+    save_tiny_classifier(folder / "classifier")
+    save_tiny_pretraining(folder / "pretrained", norm_pix_loss=False)
+    for i in range(3):
+        write_clip(folder / f"clip_{i}.mp4", seed=30 + i)
+    write_clip(folder / "silent.mp4", seed=40, with_audio=False)
+    write_wav(folder / "tone.wav", seed=41)
+    (folder / "broken.mp4").write_bytes(b"\x00" * 100)
+    return folder
+
+
+def run(argv, capsys):
+    code = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code, err, expected_code=2, contains=""):
+    assert code == expected_code
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and contains in lines[0], err
+    assert "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Help and usage
+# ----------------------------------------------------------------------------------------------------------------
+def test_help(capsys):
+    code, out, _ = run(["--help"], capsys)
+    assert code == 0
+    for command in SUBCOMMANDS + ["convert", "demo"]:
+        assert command in out
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_subcommand_help(command, capsys):
+    code, out, _ = run([command, "--help"], capsys)
+    assert code == 0 and f"usage: cavmae {command}" in out and "--model" in out
+
+
+def test_usage_errors_exit_2(capsys):
+    assert run([], capsys)[0] == 2
+    assert run(["classify"], capsys)[0] == 2  # no video, no --model
+    assert run(["frobnicate"], capsys)[0] == 2
+    code, _, err = run(["classify", "x.mp4", "--model", "m", "--bogus"], capsys)
+    assert code == 2 and "unrecognized arguments: --bogus" in err
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).with_name("cavmae")
+    completed = subprocess.run([str(script), "classify", "--help"], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0 and "usage: cavmae classify" in completed.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# classify
+# ----------------------------------------------------------------------------------------------------------------
+def test_classify_json(workspace, capsys):
+    videos = [workspace / "clip_0.mp4", workspace / "silent.mp4", workspace / "tone.wav"]
+    code, out, _ = run(
+        [
+            "classify",
+            *videos,
+            "--model",
+            workspace / "classifier",
+            "--top-k",
+            2,
+            "--json",
+            "--batch-size",
+            2,
+            "--num-frames",
+            4,
+            "-q",
+        ],
+        capsys,
+    )
+    assert code == 0
+    results = json.loads(out)
+    assert [r["input"] for r in results] == [str(v) for v in videos]
+    for result in results:
+        assert len(result["labels"]) == 2
+        assert all(entry["label"].startswith("class_") and 0 <= entry["score"] <= 1 for entry in result["labels"])
+
+
+def test_classify_text(workspace, capsys):
+    code, out, _ = run(
+        ["classify", workspace / "clip_1.mp4", "--model", workspace / "classifier", "--top-k", 3], capsys
+    )
+    lines = out.splitlines()
+    assert code == 0 and lines[0] == str(workspace / "clip_1.mp4") and len(lines) == 4
+    assert all(line.startswith("  0.") and "class_" in line for line in lines[1:])
+
+
+def test_classify_input_errors_are_one_line(workspace, capsys):
+    model = workspace / "classifier"
+    assert_one_line_error(
+        *run(["classify", workspace / "missing.mp4", "--model", model], capsys)[::2], contains="File not found"
+    )
+    assert_one_line_error(
+        *run(["classify", workspace / "broken.mp4", "--model", model], capsys)[::2],
+        contains="not a readable media file",
+    )
+    assert_one_line_error(
+        *run(["classify", workspace / "clip_0.mp4", "--model", workspace / "nowhere"], capsys)[::2],
+        contains="Model directory not found",
+    )
+    assert_one_line_error(
+        *run(["classify", workspace / "clip_0.mp4", "--model", workspace], capsys)[::2], contains="no config.json"
+    )
+    assert_one_line_error(
+        *run(["classify", workspace / "clip_0.mp4", "--model", workspace / "pretrained"], capsys)[::2],
+        contains="CavMaeForAudioVisualClassification checkpoint",
+    )
+    assert_one_line_error(
+        *run(["classify", workspace / "clip_0.mp4", "--model", model, "--top-k", 0], capsys)[::2], contains="--top-k"
+    )
+
+
+def test_unexpected_errors_exit_1(workspace, capsys, monkeypatch):
+    def explode(args):
+        raise RuntimeError("something broke")
+
+    monkeypatch.setattr(cli, "run_classify", explode)
+    code, _, err = run(["classify", workspace / "clip_0.mp4", "--model", workspace / "classifier"], capsys)
+    assert code == 1 and "unexpected error: RuntimeError: something broke" in err and "Traceback" not in err
+    with pytest.raises(RuntimeError):
+        cli.main(["--debug", "classify", str(workspace / "clip_0.mp4"), "--model", str(workspace / "classifier")])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# embed, retrieve
+# ----------------------------------------------------------------------------------------------------------------
+def test_embed_then_retrieve(workspace, tmp_path, capsys):
+    gallery = [workspace / f"clip_{i}.mp4" for i in range(3)] + [workspace / "silent.mp4"]
+    index = tmp_path / "index.safetensors"
+    code, out, _ = run(
+        ["embed", *gallery, "--model", workspace / "classifier", "--output", index, "--json", "--num-frames", 4, "-q"],
+        capsys,
+    )
+    assert code == 0 and index.is_file()
+    summary = json.loads(out)
+    assert summary["clips"] == 4 and summary["modalities"] == ["audio", "visual"] and summary["dim"] == 32
+    assert len(summary["embeddings"][0]["audio_embeds"]) == 32 and "audio_embeds" not in summary["embeddings"][3]
+
+    code, out, _ = run(
+        [
+            "retrieve",
+            gallery[1],
+            "--index",
+            index,
+            "--model",
+            workspace / "classifier",
+            "--json",
+            "--query-modality",
+            "visual",
+            "--target-modality",
+            "visual",
+            "--num-frames",
+            4,
+            "--top-k",
+            2,
+        ],
+        capsys,
+    )
+    assert code == 0
+    (result,) = json.loads(out)
+    assert result["query"] == str(gallery[1]) and len(result["hits"]) == 2
+    assert result["hits"][0]["key"] == str(gallery[1]) and result["hits"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+
+    code, out, _ = run(
+        ["retrieve", workspace / "tone.wav", "--index", index, "--model", workspace / "classifier", "--num-frames", 4],
+        capsys,
+    )
+    assert code == 0 and out.splitlines()[0] == str(workspace / "tone.wav") and len(out.splitlines()) == 5
+
+
+def test_embed_and_retrieve_errors(workspace, tmp_path, capsys):
+    model = workspace / "classifier"
+    assert_one_line_error(*run(["embed", workspace / "clip_0.mp4", "--model", model], capsys)[::2], contains="--output")
+    assert_one_line_error(
+        *run(
+            ["retrieve", workspace / "clip_0.mp4", "--model", model, "--index", tmp_path / "none.safetensors"], capsys
+        )[::2],
+        contains="Index file not found",
+    )
+    assert_one_line_error(
+        *run(["retrieve", workspace / "clip_0.mp4", "--model", model, "--index", workspace / "broken.mp4"], capsys)[
+            ::2
+        ],
+        contains="not a safetensors file",
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reconstruct
+# ----------------------------------------------------------------------------------------------------------------
+def test_reconstruct_writes_the_png(workspace, tmp_path, capsys):
+    output = tmp_path / "figure.png"
+    code, out, _ = run(
+        [
+            "reconstruct",
+            workspace / "clip_2.mp4",
+            "--model",
+            workspace / "pretrained",
+            "--output",
+            output,
+            "--json",
+            "--dpi",
+            40,
+            "--audio-mask-ratio",
+            0.5,
+            "--seed",
+            1,
+        ],
+        capsys,
+    )
+    assert code == 0
+    summary = json.loads(out)
+    assert summary["output"] == str(output) and summary["norm_pix_loss"] is False
+    with Image.open(output) as image:
+        assert image.size == (600, 300)
+
+
+def test_reconstruct_errors(workspace, capsys):
+    assert_one_line_error(
+        *run(["reconstruct", workspace / "clip_0.mp4", "--model", workspace / "classifier"], capsys)[::2],
+        contains="CavMaeForPreTraining checkpoint",
+    )
+    assert_one_line_error(
+        *run(["reconstruct", workspace / "silent.mp4", "--model", workspace / "pretrained"], capsys)[::2],
+        contains="needs audio and frames",
+    )
+    assert (
+        run(
+            ["reconstruct", workspace / "clip_0.mp4", "--model", workspace / "pretrained", "--visual-mask-ratio", 1.5],
+            capsys,
+        )[0]
+        == 2
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# convert, demo
+# ----------------------------------------------------------------------------------------------------------------
+def test_convert(tmp_path, capsys):
+    code, out, _ = run(
+        ["convert", "--checkpoint", FIXTURES / "original" / "tiny_pretrain.pth", "--output", tmp_path / "converted"],
+        capsys,
+    )
+    assert code == 0 and json.loads(out)["model_class"] == "CavMaeForPreTraining"
+    assert (tmp_path / "converted" / "config.json").is_file()
+    assert (tmp_path / "converted" / "README.md").read_text().startswith("---")
+    code, out, _ = run(["convert", "--help"], capsys)
+    assert code == 0 and "--checkpoint" in out
+    code, _, err = run(["convert", "--checkpoint", tmp_path / "missing.pth", "--output", tmp_path / "x"], capsys)
+    assert code == 2 and "error" in err
+
+
+def test_demo_missing_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None)
+    code, _, err = run(["demo"], capsys)
+    assert code == 2 and "demo is not available" in err
+
+
+def test_demo_is_delegated(monkeypatch, capsys):
+    calls = []
+    demo = types.ModuleType("cavmae_hf.demo")
+    demo.__spec__ = importlib.machinery.ModuleSpec("cavmae_hf.demo", None)
+    demo.add_arguments = lambda parser: parser.add_argument("--port", type=int, default=7860)
+    demo.run = lambda args: calls.append(args.port) or 0
+    monkeypatch.setitem(sys.modules, "cavmae_hf.demo", demo)
+    assert run(["demo", "--port", 1234], capsys)[0] == 0 and calls == [1234]
+    code, out, _ = run(["demo", "--help"], capsys)
+    assert code == 0 and "usage: cavmae demo" in out and "--port" in out
