@@ -1,16 +1,19 @@
 """
 Audio front-end throughput: our batched torch Kaldi fbank against transformers' ASTFeatureExtractor (the same
-fbank computed by a peer: torchaudio when importable, else numpy), on the same 10 s clips, in one run.
+Kaldi fbank computed by a peer: torchaudio when importable, else numpy), on the same 10 s clips, in one run.
 
-    python benchmarks/feature_extraction.py [--clips 64] [--repeats 5]
+    python benchmarks/feature_extraction.py [--clips 64] [--rounds 3] [--passes 2] [--threads N]
 
-Prints clips per second for batch 1 and batch 32, the max abs difference of the raw fbank between the two, and
-one summary line of ratios.
+Prints clips per second for batch 1 and batch 32, the difference of the raw fbank between the two, and one
+summary line of ratios. The configurations take turns (`rounds` times; in each turn an untimed pass, then `passes`
+timed ones; the median counts), so that load from other processes falls on all of them alike and none is timed
+cold after another one ran.
 """
 
 import argparse
 import statistics
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -18,8 +21,11 @@ from transformers import ASTFeatureExtractor
 
 from cavmae_hf.feature_extraction_cav_mae import CavMaeFeatureExtractor
 
+BATCH_SIZES = (1, 32)
+
 
 def make_clips(count: int, seconds: float = 10.0, rate: int = 16000, seed: int = 0) -> list:
+    """`count` 10 s clips: a random tone in noise, float32 in [-1, 1]."""
     rng = np.random.default_rng(seed)
     t = np.arange(int(seconds * rate)) / rate
     clips = []
@@ -29,26 +35,40 @@ def make_clips(count: int, seconds: float = 10.0, rate: int = 16000, seed: int =
     return clips
 
 
-def clips_per_second(function, clips, batch_size: int, repeats: int) -> float:
-    batches = [clips[i : i + batch_size] for i in range(0, len(clips), batch_size)]
-    function(batches[0])  # warm-up
-    timings = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for batch in batches:
-            function(batch)
-        timings.append(time.perf_counter() - start)
-    return len(clips) / statistics.median(timings)
+def time_one_pass(function, batches) -> float:
+    start = time.perf_counter()
+    for batch in batches:
+        function(batch)
+    return time.perf_counter() - start
+
+
+def measure(configurations: dict, clips: list, rounds: int, passes: int) -> dict:
+    """Clips per second of each `(name, batch size) -> function`: the median of `rounds x passes` timed passes over
+    `clips`, the configurations taking turns, each turn starting with an untimed pass (caches, thread pool)."""
+    batches = {key: [clips[i : i + key[1]] for i in range(0, len(clips), key[1])] for key in configurations}
+    timings = {key: [] for key in configurations}
+    for _ in range(rounds):
+        for key, function in configurations.items():
+            time_one_pass(function, batches[key])
+            timings[key] += [time_one_pass(function, batches[key]) for _ in range(passes)]
+    return {key: len(clips) / statistics.median(values) for key, values in timings.items()}
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--clips", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--passes", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     clips = make_clips(args.clips)
+
     ours = CavMaeFeatureExtractor(do_normalize=False)
-    peer = ASTFeatureExtractor(num_mel_bins=128, max_length=1024, do_normalize=False)
+    with warnings.catch_warnings():  # 128 Kaldi mel filters over 257 bins: the lowest are narrower than a bin
+        warnings.filterwarnings("ignore", message="At least one mel filter has all zero values")
+        peer = ASTFeatureExtractor(num_mel_bins=128, max_length=1024, do_normalize=False)
     try:
         import torchaudio  # noqa: F401
 
@@ -62,22 +82,30 @@ def main():
     def run_peer(batch):
         return peer(batch, sampling_rate=16000, return_tensors="pt")["input_values"]
 
-    ours_fbank = run_ours(clips[:4])[:, :998]
-    peer_fbank = run_peer(clips[:4])[:, :998]
-    difference = (ours_fbank - peer_fbank).abs().max().item()
+    names = {run_ours: "cavmae-hf (torch, batched)", run_peer: f"ASTFeatureExtractor ({backend})"}
+    configurations = {(names[f], b): f for f in (run_ours, run_peer) for b in BATCH_SIZES}
+    rates = measure(configurations, clips, args.rounds, args.passes)
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; peer backend: {backend}; {args.clips} clips of 10 s")
+    compared = min(8, len(clips))
+    difference = (run_ours(clips[:compared])[:, :998] - run_peer(clips[:compared])[:, :998]).abs()
+
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; peer backend: {backend}; "
+        f"{len(clips)} clips of 10 s"
+    )
     print(f"{'extractor':<34}{'batch':>6}{'clips/s':>10}{'ms/clip':>10}")
-    results = {}
-    for name, function in (("cavmae-hf (torch, batched)", run_ours), (f"ASTFeatureExtractor ({backend})", run_peer)):
-        for batch_size in (1, 32):
-            rate = clips_per_second(function, clips, batch_size, args.repeats)
-            results[(name, batch_size)] = rate
-            print(f"{name:<34}{batch_size:>6}{rate:>10.1f}{1000 / rate:>10.2f}")
-    print(f"max abs difference of the raw fbank (ours vs peer, 4 clips): {difference:.2e}")
-    names = list(dict.fromkeys(name for name, _ in results))
-    ratios = {b: results[(names[0], b)] / results[(names[1], b)] for b in (1, 32)}
-    print(f"SUMMARY: ours / peer({backend}) clips/s: batch 1 {ratios[1]:.2f}x, batch 32 {ratios[32]:.2f}x")
+    for (name, batch_size), rate in rates.items():
+        print(f"{name:<34}{batch_size:>6}{rate:>10.1f}{1000 / rate:>10.2f}")
+    print(
+        f"raw fbank, ours vs peer ({compared} clips x 998 frames x 128 bins): max abs difference "
+        f"{difference.max().item():.2e}, mean {difference.mean().item():.2e}"
+    )
+    ratios = {b: rates[(names[run_ours], b)] / rates[(names[run_peer], b)] for b in BATCH_SIZES}
+    print(
+        f"SUMMARY: ours / peer({backend}) clips/s: "
+        + ", ".join(f"batch {b} {ratio:.2f}x" for b, ratio in ratios.items())
+        + f"; ours batch 32 / ours batch 1: {rates[(names[run_ours], 32)] / rates[(names[run_ours], 1)]:.2f}x"
+    )
 
 
 if __name__ == "__main__":

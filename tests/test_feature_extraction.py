@@ -7,8 +7,7 @@ from conftest import FIXTURES
 from PIL import Image
 from transformers import AutoFeatureExtractor
 
-from cavmae_hf import CavMaeFeatureExtractor
-from cavmae_hf.feature_extraction_cav_mae import CavMaeFeatureExtractionError, kaldi_fbank
+from cavmae_hf.feature_extraction_cav_mae import CavMaeFeatureExtractionError, CavMaeFeatureExtractor, kaldi_fbank
 
 FBANK = np.load(FIXTURES / "fbank_golden.npz")
 IMAGES = np.load(FIXTURES / "image_golden.npz")
@@ -37,7 +36,34 @@ def test_fbank_float64_matches_torchaudio_float64(name):
     wave, rate = FBANK[f"wave_{name}"], int(FBANK[f"rate_{name}"])
     fbank, _ = kaldi_fbank(torch.from_numpy(wave.astype(np.float64))[None], sampling_rate=rate)
     assert fbank.dtype == torch.float64
-    compare(fbank[0].numpy(), FBANK[f"fbank64_{name}"], 1e-8)
+    compare(fbank[0].numpy(), FBANK[f"fbank64_{name}"], 1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fbank_of_a_batch_of_clips_of_different_lengths(dtype):
+    waves = [torch.from_numpy(FBANK[f"wave_{name}"]).to(dtype) for name in CLIPS_16K]
+    lengths = torch.tensor([len(wave) for wave in waves])
+    padded = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True, padding_value=0.5)  # padding must not matter
+    fbank, frames = kaldi_fbank(padded, lengths)
+    for index, name in enumerate(CLIPS_16K):
+        count = FBANK[f"fbank_{name}"].shape[0]
+        assert int(frames[index]) == count and not fbank[index, count:].any()
+        if dtype == torch.float64:
+            compare(fbank[index, :count].numpy(), FBANK[f"fbank64_{name}"], 1e-9)
+        else:
+            compare(fbank[index, :count].numpy(), FBANK[f"fbank_{name}"], 2e-2, 2e-4)
+
+
+def test_fbank_in_small_chunks_equals_one_chunk(monkeypatch):
+    from cavmae_hf import feature_extraction_cav_mae as module
+
+    noise = torch.from_numpy(np.random.default_rng(0).standard_normal((3, 40000)).astype(np.float32))
+    lengths = torch.tensor([40000, 25000, 9000])
+    whole, _ = kaldi_fbank(noise, lengths, num_frames=300)
+    monkeypatch.setattr(module, "CPU_CHUNK_ELEMENTS", 100 * 512)  # 100 frames a chunk: clips are cut in pieces
+    pieces, frames = kaldi_fbank(noise, lengths, num_frames=300)
+    assert frames.tolist() == [248, 154, 54] and pieces.shape == (3, 300, 128)
+    torch.testing.assert_close(pieces, whole, rtol=0, atol=1e-4)
 
 
 def test_batched_clips_of_different_lengths_match_one_by_one():
@@ -52,7 +78,8 @@ def test_batched_clips_of_different_lengths_match_one_by_one():
 
 def test_attention_mask_marks_real_frames():
     extractor = CavMaeFeatureExtractor(return_attention_mask=True)
-    out = extractor([np.zeros(16000, np.float32), np.zeros(4000, np.float32)], sampling_rate=16000, return_tensors="pt")
+    clips = [np.zeros(16000, np.float32), np.zeros(4000, np.float32)]
+    out = extractor(clips, sampling_rate=16000, return_tensors="pt")
     assert out["attention_mask"].sum(dim=1).tolist() == [98, 23]
 
 
@@ -65,7 +92,8 @@ def test_integer_pcm_and_channels():
     scaled = extractor(pcm.astype(np.float32) / 32768, sampling_rate=16000, return_tensors="pt")["input_features"]
     assert torch.equal(as_int16, scaled)
     pcm32 = pcm.astype(np.int32) << 16
-    assert torch.allclose(extractor(pcm32, sampling_rate=16000, return_tensors="pt")["input_features"], scaled, atol=1e-5)
+    as_int32 = extractor(pcm32, sampling_rate=16000, return_tensors="pt")["input_features"]
+    assert torch.allclose(as_int32, scaled, atol=1e-5)
     stereo = np.stack([wave, np.zeros_like(wave)])
     first = extractor([stereo], sampling_rate=16000, return_tensors="pt")["input_features"]
     assert torch.allclose(first, reference, atol=1e-5)
@@ -82,6 +110,9 @@ def test_torch_and_list_inputs():
     from_numpy = extractor(wave, sampling_rate=16000, return_tensors="pt")["input_features"]
     from_torch = extractor(torch.from_numpy(wave), sampling_rate=16000, return_tensors="pt")["input_features"]
     from_list = extractor(wave.tolist(), sampling_rate=16000, return_tensors="pt")["input_features"]
+    requiring_grad = torch.from_numpy(wave).requires_grad_()
+    from_grad = extractor(requiring_grad, sampling_rate=16000, return_tensors="pt")["input_features"]
+    assert torch.equal(from_grad, from_numpy)
     assert from_numpy.shape == (1, 64, 32)
     assert torch.equal(from_numpy, from_torch) and torch.allclose(from_numpy, from_list)
     as_lists = extractor(wave, sampling_rate=16000)
@@ -98,6 +129,8 @@ def test_torch_and_list_inputs():
         (np.zeros(100, np.float32), 16000, "shorter than one 25 ms frame"),
         (np.zeros((2, 3, 16000), np.float32), 16000, "1-D .* or 2-D"),
         ([], 16000, "Empty audio batch"),
+        (np.zeros((0, 16000), np.float32), 16000, "Empty audio batch"),
+        ((np.sign(np.sin(np.arange(16000))) * 1e30).astype(np.float32), 16000, "overflows the filter bank"),
         ("not audio", 16000, "Unsupported audio"),
     ],
 )
@@ -112,7 +145,8 @@ def test_missing_sampling_rate_warns():
 
 
 def test_silence_gives_the_log_floor_not_nan():
-    out = CavMaeFeatureExtractor(do_normalize=False)(np.zeros(16000, np.float32), sampling_rate=16000, return_tensors="pt")
+    extractor = CavMaeFeatureExtractor(do_normalize=False)
+    out = extractor(np.zeros(16000, np.float32), sampling_rate=16000, return_tensors="pt")
     features = out["input_features"][0, :98]
     assert torch.isfinite(features).all() and torch.allclose(features, torch.tensor(np.log(np.finfo(np.float32).eps)))
 
@@ -121,7 +155,16 @@ def test_silence_gives_the_log_floor_not_nan():
 def test_images_match_torchvision(name):
     image = Image.open(FIXTURES / "images" / f"{name}.png")
     pixels = CavMaeFeatureExtractor()(images=image, return_tensors="np")["pixel_values"][0]
-    compare(pixels, IMAGES[f"pixels_{name}"], 1e-6)
+    compare(pixels, IMAGES[f"pixels_{name}"], 0.0)  # the same PIL resize and crop: identical
+
+
+def test_resize_then_crop_sizes():
+    array = np.random.default_rng(0).integers(0, 256, (100, 80, 3), dtype=np.uint8)
+    pixels = CavMaeFeatureExtractor(image_size=32, resize_size=40, image_mean=[0, 0, 0], image_std=[1, 1, 1])(
+        images=array, return_tensors="np"
+    )["pixel_values"][0]
+    expected = np.asarray(Image.fromarray(array).resize((40, 50), Image.BICUBIC))[9:41, 4:36] / 255.0
+    compare(pixels, expected.transpose(2, 0, 1).astype(np.float32), 1e-7)
 
 
 def test_image_input_kinds_and_frames():
@@ -133,7 +176,8 @@ def test_image_input_kinds_and_frames():
     from_tensor = extractor(images=torch.from_numpy(array).permute(2, 0, 1), return_tensors="pt")["pixel_values"]
     from_float = extractor(images=array / 255.0, return_tensors="pt")["pixel_values"]
     assert from_pil.shape == (1, 3, 32, 32)
-    assert torch.equal(from_pil, from_array) and torch.equal(from_pil, from_tensor) and torch.equal(from_pil, from_float)
+    for other in (from_array, from_tensor, from_float):
+        assert torch.equal(from_pil, other)
     frames = extractor(images=[[array, array, array], [array, array, array]], return_tensors="pt")["pixel_values"]
     assert frames.shape == (2, 3, 3, 32, 32)
     batch = extractor(images=[array, array], return_tensors="pt")["pixel_values"]
@@ -153,13 +197,16 @@ def test_image_errors():
         extractor(images=[[array, array], [array]])
     with pytest.raises(CavMaeFeatureExtractionError, match="NaN"):
         extractor(images=np.full((40, 50, 3), np.nan))
+    with pytest.raises(CavMaeFeatureExtractionError, match="1, 2, 3 or 4 channels"):
+        extractor(images=np.zeros((40, 50, 5), np.uint8))
     with pytest.raises(CavMaeFeatureExtractionError, match="different batch sizes"):
         extractor(audio=np.zeros(16000, np.float32), images=[array, array], sampling_rate=16000)
 
 
 def test_audio_and_images_together():
     extractor = CavMaeFeatureExtractor()
-    out = extractor(audio=FBANK["wave_chirp_10s"], images=np.zeros((240, 320, 3), np.uint8), sampling_rate=16000, return_tensors="pt")
+    image = np.zeros((240, 320, 3), np.uint8)
+    out = extractor(audio=FBANK["wave_chirp_10s"], images=image, sampling_rate=16000, return_tensors="pt")
     assert out["input_features"].shape == (1, 1024, 128) and out["pixel_values"].shape == (1, 3, 224, 224)
 
 

@@ -2,6 +2,7 @@
 
 from fractions import Fraction
 
+import av
 import numpy as np
 import pytest
 
@@ -36,13 +37,25 @@ def band_energy(waveform: np.ndarray, frequency: float, rate: int = 16000) -> fl
 
 
 @pytest.mark.parametrize(
-    "suffix,fps",
-    [(".mp4", 25), (".mp4", Fraction(30000, 1001)), (".webm", 25), (".mkv", 25), (".avi", 25)],
+    "suffix,fps,codecs",
+    [
+        (".mp4", 25, {}),
+        (".mp4", Fraction(30000, 1001), {}),
+        (".webm", 25, {}),
+        (".webm", 29.97, {"video_codec": "libvpx-vp9", "audio_codec": "vorbis"}),
+        (".mkv", 25, {}),
+        (".avi", 25, {}),
+    ],
 )
-def test_stereo_44k_video_gives_16k_mono_first_channel_and_uniform_frames(tmp_path, suffix, fps):
+def test_stereo_44k_video_gives_16k_mono_first_channel_and_uniform_frames(tmp_path, suffix, fps, codecs):
     count = int(round(3 * float(fps)))
     path = media.write_video(
-        tmp_path / f"clip{suffix}", colour_ramp(count), np.stack([tone(440), tone(1500)]), fps=fps, sampling_rate=AUDIO_RATE
+        tmp_path / f"clip{suffix}",
+        colour_ramp(count),
+        np.stack([tone(440), tone(1500)]),
+        fps=fps,
+        sampling_rate=AUDIO_RATE,
+        **codecs,
     )
     clip = media.load_video(path)
     assert clip.sampling_rate == 16000 and clip.audio.dtype == np.float32
@@ -66,10 +79,45 @@ def test_reference_frame_indices():
     assert media.frame_indices(75, 10) == [0, 7, 15, 22, 30, 37, 45, 52, 60, 67]
 
 
+def test_fractional_frame_rates_are_exact(tmp_path):
+    for fps in (29.97, 30000 / 1001, Fraction(30000, 1001)):
+        path = media.write_video(tmp_path / "ntsc.mp4", colour_ramp(30, 16, 16), fps=fps)
+        with av.open(str(path)) as container:
+            assert container.streams.video[0].average_rate == Fraction(30000, 1001)
+
+
+def test_variable_frame_rate_is_sampled_by_time(tmp_path):
+    # 25 frames at 25 fps, then 25 frames at 12.5 fps: uniform in time is not uniform in frame index.
+    times = [i * 0.04 for i in range(25)] + [1.0 + i * 0.08 for i in range(25)]
+    path = tmp_path / "vfr.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width = stream.height = 32
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        for index, time in enumerate(times):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), index * 5, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = round(time * 1000), Fraction(1, 1000)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    clip = media.load_video(path, load_audio=False)
+    with av.open(str(path)) as container:
+        rate = container.streams.video[0].average_rate  # 50 frames over 2.88 s
+    targets = [index / rate for index in media.frame_indices(50, 10)]
+    for time, target, frame in zip(clip.frame_times, targets, clip.frames):
+        assert target - 0.5 / rate <= time < target + 0.08  # the first frame at (or within half a frame of) the target
+        index = int(np.argmin(np.abs(np.array(times) - time)))
+        assert abs(int(np.asarray(frame)[16, 16, 0]) - 5 * index) < 6  # and it is that frame's picture
+
+
 def test_rotated_phone_video_is_turned_upright(tmp_path):
-    path = media.write_video(tmp_path / "rotated.mp4", colour_ramp(10, 48, 64), fps=25, rotation=90)
+    frames = np.zeros((4, 48, 64, 3), np.uint8)
+    frames[:, :16, :16, 0] = 255  # a red mark at the top left of the stored picture
+    path = media.write_video(tmp_path / "rotated.mp4", frames, fps=25, rotation=90)
     clip = media.load_video(path, load_audio=False, num_frames=2)
-    assert clip.frames[0].size == (48, 64)
+    upright = np.asarray(clip.frames[0])
+    assert upright.shape == (64, 48, 3)
+    assert upright[-5, 4, 0] > 200 and upright[4, 4, 0] < 50  # turned 90 degrees counter-clockwise: bottom left
 
 
 def test_audio_only_and_video_only_files(tmp_path):
@@ -129,6 +177,28 @@ def test_error_cases(tmp_path):
     (tmp_path / "noise.wav").write_bytes(b"RIFF" + bytes(100))
     with pytest.raises(MediaError):
         media.load_audio(tmp_path / "noise.wav")
+    with pytest.raises(MediaError, match="not found"):
+        media.load_audio(tmp_path / "missing.wav")
+
+
+def test_damaged_video_data(tmp_path):
+    """A file whose header is intact (faststart: the index before the data) but whose data is cut or garbage."""
+    path = tmp_path / "faststart.mp4"
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for image in np.random.default_rng(0).integers(0, 256, (50, 48, 64, 3), dtype=np.uint8):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode(None))
+    data = path.read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(data[: len(data) // 2])
+    with pytest.warns(UserWarning, match="ended at .* last frame is repeated"):
+        clip = media.load_video(tmp_path / "cut.mp4", load_audio=False)
+    assert len(clip.frames) == 10
+    payload = data.index(b"mdat") + 4
+    (tmp_path / "garbage.mp4").write_bytes(data[:payload] + bytes(len(data) - payload))
+    with pytest.raises(MediaError, match="could not be decoded"):
+        media.load_video(tmp_path / "garbage.mp4", load_audio=False)
 
 
 def test_frames_folder_of_the_reference_layout(tmp_path):

@@ -47,17 +47,23 @@ def _progress(iterable, total: int, description: str, args):
 
 def _check_files(paths) -> list[str]:
     for path in paths:
-        if not Path(path).is_file():
+        path = Path(path)
+        if path.is_dir():
+            raise UsageError(f"{path} is a directory, not a file.")
+        if not path.is_file():
             raise UsageError(f"File not found: {path}")
     return [str(path) for path in paths]
 
 
 def _check_model_dir(model: str):
-    """A local directory must hold a saved model; anything else must look like a Hub id (owner/name)."""
+    """A local directory must hold a CAV-MAE config.json; anything else must look like a Hub id (owner/name)."""
+    from .pipelines import read_config
+
     path = Path(model).expanduser()
     if path.exists():
-        if not (path / "config.json").is_file():
+        if not path.is_dir() or not (path / "config.json").is_file():
             raise UsageError(f"{model} is not a saved model directory (no config.json).")
+        read_config(path)  # CheckpointLoadError: unreadable, or another model type
         return
     if model.count("/") != 1 or model.startswith((".", "/", "~")):
         raise UsageError(f"Model directory not found: {model}")
@@ -67,12 +73,43 @@ def _check_architecture(model: str, expected: str, purpose: str):
     """Refuse a local checkpoint saved as another class (its head or decoder would be random)."""
     from transformers import AutoConfig
 
-    architectures = AutoConfig.from_pretrained(model).architectures or []
-    if Path(model).expanduser().is_dir() and expected not in architectures:
+    from .pipelines import read_config
+
+    local = Path(model).expanduser().is_dir()
+    architectures = (read_config(model) if local else AutoConfig.from_pretrained(model)).architectures or []
+    if local and expected not in architectures:
         raise UsageError(
             f"{model} is saved as {', '.join(architectures) or 'an unknown class'}; "
             f"{purpose} needs a {expected} checkpoint."
         )
+
+
+def _check_device(device: str):
+    """A device string torch knows, and a device this machine has (torch's own errors would exit as unexpected)."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise UsageError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps).") from None
+    available = {
+        "cpu": lambda: True,
+        "cuda": torch.cuda.is_available,
+        "mps": lambda: getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
+        "xpu": lambda: hasattr(torch, "xpu") and torch.xpu.is_available(),
+    }.get(parsed.type)
+    if available is not None and not available():
+        raise UsageError(f"--device {device}: no {parsed.type} device is available on this machine.")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s).")
+
+
+def _check_counts(args):
+    """Options that count something must be at least 1 (one `error:` line, exit code 2)."""
+    for option in ("top_k", "num_frames", "batch_size", "dpi"):
+        value = getattr(args, option, None)
+        if value is not None and value < 1:
+            raise UsageError(f"--{option.replace('_', '-')} must be at least 1, got {value}.")
 
 
 def _dtype(args):
@@ -85,6 +122,7 @@ def _pipeline(task: str, args):
     from .pipelines import cav_mae_pipeline
 
     _check_model_dir(args.model)
+    _check_device(args.device)
     return cav_mae_pipeline(task, args.model, device=args.device, dtype=_dtype(args))
 
 
@@ -118,8 +156,7 @@ def run_classify(args) -> int:
     from .pipelines import CLASSIFICATION_TASK
 
     videos = _check_files(args.inputs)
-    if args.top_k < 1:
-        raise UsageError("--top-k must be at least 1.")
+    _check_counts(args)
     _check_model_dir(args.model)
     _check_architecture(args.model, "CavMaeForAudioVisualClassification", "classification")
     classifier = _pipeline(CLASSIFICATION_TASK, args)
@@ -149,7 +186,12 @@ def run_embed(args) -> int:
 
     if args.output is None and not args.json:
         raise UsageError("Give --output FILE.safetensors (an index for `cavmae retrieve`), --json, or both.")
+    if args.output is not None:
+        from .retrieval import check_index_path
+
+        check_index_path(args.output)  # before the clips are embedded
     sources = _check_files(args.inputs)
+    _check_counts(args)
     extractor = _pipeline(FEATURE_EXTRACTION_TASK, args)
     outputs = extractor(
         (source for source in sources), batch_size=args.batch_size, num_frames=args.num_frames, return_tensors=True
@@ -188,8 +230,7 @@ def run_retrieve(args) -> int:
     from .retrieval import RetrievalIndex, search
 
     queries = _check_files(args.inputs)
-    if args.top_k < 1:
-        raise UsageError("--top-k must be at least 1.")
+    _check_counts(args)
     index = RetrievalIndex.load(args.index)
     extractor = _pipeline(FEATURE_EXTRACTION_TASK, args)
     results = []
@@ -218,18 +259,21 @@ def run_retrieve(args) -> int:
 # reconstruct
 # ----------------------------------------------------------------------------------------------------------------
 def run_reconstruct(args) -> int:
-    from transformers import AutoConfig
-
     from .modeling_cav_mae import CavMaeForPreTraining
-    from .pipelines import load_feature_extractor
+    from .pipelines import load_feature_extractor, load_model
     from .reconstruction import reconstruct_clip, render_reconstruction
 
     (video,) = _check_files([args.input])
+    _check_counts(args)
     _check_model_dir(args.model)
+    _check_device(args.device)
     _check_architecture(args.model, "CavMaeForPreTraining", "reconstruction (with the decoder)")
-    config = AutoConfig.from_pretrained(args.model)
-    model = CavMaeForPreTraining.from_pretrained(args.model, dtype=_dtype(args)).to(args.device).eval()
-    extractor = load_feature_extractor(args.model, config)
+    if Path(args.model).expanduser().is_dir():
+        model = load_model(args.model, CavMaeForPreTraining, dtype=_dtype(args))
+    else:
+        model = CavMaeForPreTraining.from_pretrained(args.model, dtype=_dtype(args))
+    model = model.to(args.device).eval()
+    extractor = load_feature_extractor(args.model, model.config)
     result = reconstruct_clip(
         model,
         video,

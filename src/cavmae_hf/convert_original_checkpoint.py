@@ -137,25 +137,52 @@ def map_state_dict(original: dict) -> KeyMapping:
 
 
 # Loading ---------------------------------------------------------------------------------------------------------
+def refused_pickle_global(error: BaseException) -> str | None:
+    """The Python object (`module.name`) a pickle asked for that `torch.load(weights_only=True)` refused, if that is
+    why it failed (None for files that are damaged or no pickle at all)."""
+    match = re.search(r"GLOBAL ([\w.]+)", str(error))
+    return match.group(1) if match else None
+
+
 def load_original_state_dict(path) -> dict:
-    """Read a `.pth` with `torch.load(weights_only=True)` and strip the `module.` prefix of `nn.DataParallel`."""
+    """Read a `.pth` with `torch.load(weights_only=True)` and strip the `module.` prefix of `nn.DataParallel`.
+
+    Only tensors, plain containers and numbers are read: a pickle that asks for any other Python object (which
+    could run code) is refused without running anything.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointConversionError(f"{path} is a directory; --checkpoint takes the original .pth file.")
     if not path.is_file():
         raise CheckpointConversionError(f"Checkpoint not found: {path}")
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle, zip and unpickler errors all mean the same thing to the user
+        refused = refused_pickle_global(error)
+        if refused is not None:
+            raise CheckpointConversionError(
+                f"{path} could not be read with torch.load(weights_only=True): it is a pickle that asks for "
+                f"`{refused}`, which could run code when loaded, so it is refused. Only plain state dicts of tensors "
+                "are converted; do not load this file with weights_only=False unless you trust its source."
+            ) from None
         raise CheckpointConversionError(
             f"{path} could not be read as a PyTorch checkpoint with weights_only=True ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''}). It may be truncated, not a checkpoint, or a "
-            "pickle that needs arbitrary code, which is refused."
+            f"{_first_line(error)}). It may be truncated, not a checkpoint, or a pickle that needs arbitrary code, "
+            "which is refused."
         ) from None
     for wrapper in ("state_dict", "model"):
         if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
             loaded = loaded[wrapper]
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise CheckpointConversionError(f"{path} does not hold a flat state dict of tensors.")
-    return {key.removeprefix("module."): tensor for key, tensor in loaded.items()}
+    return {str(key).removeprefix("module."): tensor for key, tensor in loaded.items()}
+
+
+def _first_line(error: BaseException) -> str:
+    """The first sentence of torch's message (not its advice to turn the weights-only check off)."""
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else ""
+    return first.split(". This file can still be loaded")[0].split(". In PyTorch 2.6")[0]
 
 
 # Configuration from shapes -------------------------------------------------------------------------------------
@@ -164,12 +191,17 @@ def _count_layers(state_dict: dict, stack: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
-def _shape(state_dict: dict, key: str):
+def _shape(state_dict: dict, key: str, rank: int | None = None):
     if key not in state_dict:
         raise CheckpointConversionError(
             f"The checkpoint has no `{key}`: it is not an original CAV-MAE checkpoint (or it is truncated)."
         )
-    return tuple(state_dict[key].shape)
+    shape = tuple(state_dict[key].shape)
+    if rank is not None and len(shape) != rank:
+        raise CheckpointConversionError(
+            f"`{key}` has shape {shape}; an original CAV-MAE checkpoint has a {rank}-D tensor there."
+        )
+    return shape
 
 
 def infer_config(
@@ -183,22 +215,28 @@ def infer_config(
     A `CavMaeConfig` read off the tensor shapes. Head counts are not visible in the weights: by default they
     follow the released models (64-wide heads in the encoder, 32-wide in the decoder: 12 and 16 at ViT-B size).
     """
-    hidden_size, num_channels, patch_size, _ = _shape(state_dict, "patch_embed_v.proj.weight")
-    num_audio_patches = _shape(state_dict, "pos_embed_a")[1]
-    num_visual_patches = _shape(state_dict, "pos_embed_v")[1]
+    hidden_size, num_channels, patch_size, _ = _shape(state_dict, "patch_embed_v.proj.weight", rank=4)
+    num_audio_patches = _shape(state_dict, "pos_embed_a", rank=3)[1]
+    num_visual_patches = _shape(state_dict, "pos_embed_v", rank=3)[1]
+    if patch_size < 1 or num_mel_bins < patch_size:
+        raise CheckpointConversionError(f"{num_mel_bins} mel bins do not hold one {patch_size}-wide patch.")
     freq_patches = num_mel_bins // patch_size
     if num_audio_patches % freq_patches:
         raise CheckpointConversionError(
             f"{num_audio_patches} audio patches do not fit {num_mel_bins} mel bins with patch size {patch_size}."
         )
     image_side = round(num_visual_patches**0.5)
+    if image_side * image_side != num_visual_patches:
+        raise CheckpointConversionError(
+            f"`pos_embed_v` holds {num_visual_patches} visual patches, which is not a square grid."
+        )
     specific_layers = _count_layers(state_dict, "blocks_a")
     shared_layers = _count_layers(state_dict, "blocks_u")
     first_layer = "blocks_a.0" if specific_layers else "blocks_u.0"
     config = dict(
         hidden_size=hidden_size,
         num_attention_heads=num_attention_heads or max(1, hidden_size // 64),
-        intermediate_size=_shape(state_dict, f"{first_layer}.mlp.fc1.weight")[0],
+        intermediate_size=_shape(state_dict, f"{first_layer}.mlp.fc1.weight", rank=2)[0],
         num_modality_specific_layers=specific_layers,
         num_shared_layers=shared_layers,
         patch_size=patch_size,
@@ -208,15 +246,17 @@ def infer_config(
         audio_length=num_audio_patches // freq_patches * patch_size,
     )
     if "decoder_embed.weight" in state_dict:
-        decoder_size = _shape(state_dict, "decoder_embed.weight")[0]
+        decoder_size = _shape(state_dict, "decoder_embed.weight", rank=2)[0]
         config.update(
             decoder_hidden_size=decoder_size,
             decoder_num_hidden_layers=_count_layers(state_dict, "decoder_blocks"),
             decoder_num_attention_heads=decoder_num_attention_heads or max(1, decoder_size // 32),
-            decoder_intermediate_size=_shape(state_dict, "decoder_blocks.0.mlp.fc1.weight")[0],
+            decoder_intermediate_size=_shape(state_dict, "decoder_blocks.0.mlp.fc1.weight", rank=2)[0],
         )
     if "mlp_head.1.weight" in state_dict:
-        config.update(trainable_position_embeddings=True, num_labels=_shape(state_dict, "mlp_head.1.weight")[0])
+        config.update(
+            trainable_position_embeddings=True, num_labels=_shape(state_dict, "mlp_head.1.weight", rank=2)[0]
+        )
     config.update({k: v for k, v in overrides.items() if v is not None})
     return CavMaeConfig(**config)
 
@@ -230,12 +270,36 @@ def model_class_for(state_dict: dict):
 
 
 def read_label_csv(path) -> dict[int, str]:
-    """`index,mid,display_name` rows (the reference's label file) -> `{index: display_name}`."""
-    with open(path, newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
+    """`index,mid,display_name` rows (the reference's label file) -> `{index: display_name}`, indices 0..N-1."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointConversionError(f"Label file not found: {path}")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            rows = list(csv.DictReader(handle))
+    except UnicodeDecodeError:
+        raise CheckpointConversionError(f"{path} is not UTF-8 text; save the label CSV as UTF-8.") from None
+    except csv.Error as error:
+        raise CheckpointConversionError(f"{path} is not a readable CSV ({error}).") from None
     if not rows or not {"index", "display_name"} <= set(rows[0]):
         raise CheckpointConversionError(f"{path} must be a CSV with columns index,mid,display_name.")
-    return {int(row["index"]): row["display_name"] for row in rows}
+    labels = {}
+    for line, row in enumerate(rows, start=2):
+        try:
+            index = int(str(row["index"]).strip())
+        except ValueError:
+            raise CheckpointConversionError(
+                f"{path}, line {line}: index {row['index']!r} is not a whole number."
+            ) from None
+        if index in labels:
+            raise CheckpointConversionError(f"{path}, line {line}: index {index} appears twice.")
+        labels[index] = row["display_name"]
+    if sorted(labels) != list(range(len(labels))):
+        missing = sorted(set(range(len(labels))) - set(labels))
+        raise CheckpointConversionError(
+            f"{path}: the indices must be 0..{len(labels) - 1}, one row each; missing {missing[:5]}."
+        )
+    return labels
 
 
 def default_labels(num_labels: int) -> dict[int, str] | None:
@@ -259,7 +323,17 @@ def convert_state_dict(original: dict, config: CavMaeConfig, model_class=None):
         for key, tensor in mapping.state_dict.items()
         if key in expected and tensor.shape != expected[key].shape
     ]
+    not_float = [key for key, tensor in mapping.state_dict.items() if not tensor.is_floating_point()]
+    not_finite = [
+        key
+        for key, tensor in mapping.state_dict.items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
     problems = []
+    if not_float:
+        problems.append(f"tensors that are not floating point (weights are float): {not_float}")
+    if not_finite:
+        problems.append(f"tensors holding NaN or Inf (a damaged or diverged checkpoint): {not_finite}")
     if mapping.unmapped:
         problems.append(f"keys of the checkpoint that map to nothing: {mapping.unmapped}")
     if unexpected:
@@ -287,6 +361,8 @@ def convert_checkpoint(
     source_name: str | None = None,
 ):
     """Convert `checkpoint` into `output_dir` (safetensors, config, feature-extractor config, model card)."""
+    if Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise CheckpointConversionError(f"--output {output_dir} is a file; give a directory to write the model into.")
     original = load_original_state_dict(checkpoint)
     model_class = model_class_for(original)
     config = infer_config(
@@ -322,6 +398,16 @@ def _write_model_card(output_dir: Path, model, source_name: str):
     (output_dir / "README.md").write_text(render_model_card(model, source_name), encoding="utf-8")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m cavmae_hf.convert_original_checkpoint",
@@ -330,9 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, help="original .pth file (flat state dict)")
     parser.add_argument("--output", required=True, help="directory to write")
     parser.add_argument("--label-csv", help="CSV with index,mid,display_name for id2label (AudioSet's ships)")
-    parser.add_argument("--num-mel-bins", type=int, default=128)
-    parser.add_argument("--num-attention-heads", type=int, help="encoder heads (default: hidden_size / 64)")
-    parser.add_argument("--decoder-num-attention-heads", type=int, help="decoder heads (default: width / 32)")
+    parser.add_argument("--num-mel-bins", type=_positive_int, default=128)
+    parser.add_argument("--num-attention-heads", type=_positive_int, help="encoder heads (default: hidden_size / 64)")
+    parser.add_argument("--decoder-num-attention-heads", type=_positive_int, help="decoder heads (default: width / 32)")
     parser.add_argument(
         "--classification-mode",
         choices=("multimodal", "audio", "visual"),

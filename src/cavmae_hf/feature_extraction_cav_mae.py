@@ -23,7 +23,9 @@ FLOAT32_EPSILON = torch.finfo(torch.float32).eps  # Kaldi's log floor, float32 e
 PREEMPHASIS = 0.97
 LOW_FREQUENCY = 20.0
 MAX_CHANNELS = 16
-FRAMES_PER_CHUNK = 4096  # keeps a chunk's spectra (frames x 257 complex) near the CPU caches
+MEL_FILTERS_PER_BLOCK = 32
+CPU_CHUNK_ELEMENTS = 1 << 20  # FFT input samples per chunk on CPU: 2048 frames of 512
+ACCELERATOR_CHUNK_ELEMENTS = 1 << 26
 
 
 class CavMaeFeatureExtractionError(ValueError):
@@ -33,41 +35,8 @@ class CavMaeFeatureExtractionError(ValueError):
 # ----------------------------------------------------------------------------------------------------------------
 # Kaldi fbank
 # ----------------------------------------------------------------------------------------------------------------
-def _mel_scale(frequency):
-    return 1127.0 * torch.log(1.0 + frequency / 700.0)
-
-
-@lru_cache(maxsize=16)
-def _mel_filter_bank_cpu(num_mel_bins: int, fft_size: int, sampling_rate: int) -> torch.Tensor:
-    """Triangular mel filters `[fft_size // 2 + 1, num_mel_bins]`, built in float32 exactly as Kaldi/torchaudio."""
-    num_fft_bins = fft_size // 2
-    nyquist = 0.5 * sampling_rate
-    mel_low = 1127.0 * math.log(1.0 + LOW_FREQUENCY / 700.0)
-    mel_high = 1127.0 * math.log(1.0 + nyquist / 700.0)
-    mel_delta = (mel_high - mel_low) / (num_mel_bins + 1)
-    index = torch.arange(num_mel_bins).unsqueeze(1)
-    left = mel_low + index * mel_delta
-    center = mel_low + (index + 1.0) * mel_delta
-    right = mel_low + (index + 2.0) * mel_delta
-    mel = _mel_scale(sampling_rate / fft_size * torch.arange(num_fft_bins)).unsqueeze(0)
-    up = (mel - left) / (center - left)
-    down = (right - mel) / (right - center)
-    banks = torch.clamp(torch.minimum(up, down), min=0.0)
-    return torch.nn.functional.pad(banks, (0, 1)).T.contiguous()  # the Nyquist bin gets no weight
-
-
-def mel_filter_bank(num_mel_bins: int, fft_size: int, sampling_rate: int, dtype, device) -> torch.Tensor:
-    return _mel_filter_bank_cpu(num_mel_bins, fft_size, sampling_rate).to(device=device, dtype=dtype)
-
-
-@lru_cache(maxsize=16)
-def _frame_weights_cpu(frame_length: int, dtype: torch.dtype) -> torch.Tensor:
-    # Kaldi's "hanning" window is the symmetric Hann window.
-    return torch.hann_window(frame_length, periodic=False, dtype=dtype)
-
-
 def frame_parameters(sampling_rate: int, frame_length_ms: float = 25.0, frame_shift_ms: float = 10.0):
-    """(frame length, frame shift, FFT size) in samples, as Kaldi computes them."""
+    """(frame length, frame shift, FFT size) in samples, as Kaldi computes them (FFT size: the next power of two)."""
     frame_length = int(sampling_rate * frame_length_ms * 0.001)
     frame_shift = int(sampling_rate * frame_shift_ms * 0.001)
     fft_size = 1 << (frame_length - 1).bit_length()
@@ -75,10 +44,65 @@ def frame_parameters(sampling_rate: int, frame_length_ms: float = 25.0, frame_sh
 
 
 def num_frames_for(num_samples, frame_length: int, frame_shift: int):
-    """Frames Kaldi takes from `num_samples` (snip_edges): 0 when shorter than one frame."""
+    """Frames Kaldi takes from `num_samples` (snip_edges): 0 when shorter than one frame. An int or a `[B]` tensor."""
     if isinstance(num_samples, torch.Tensor):
         return torch.where(num_samples >= frame_length, (num_samples - frame_length) // frame_shift + 1, 0)
     return (num_samples - frame_length) // frame_shift + 1 if num_samples >= frame_length else 0
+
+
+def _mel_scale(frequency):
+    return 1127.0 * torch.log(1.0 + frequency / 700.0)
+
+
+@lru_cache(maxsize=16)
+def _mel_filter_bank_cpu(num_mel_bins: int, fft_size: int, sampling_rate: int) -> torch.Tensor:
+    num_fft_bins = fft_size // 2
+    nyquist = 0.5 * sampling_rate
+    mel_low = 1127.0 * math.log(1.0 + LOW_FREQUENCY / 700.0)
+    mel_high = 1127.0 * math.log(1.0 + nyquist / 700.0)
+    mel_delta = (mel_high - mel_low) / (num_mel_bins + 1)
+    index = torch.arange(num_mel_bins, dtype=torch.float32).unsqueeze(1)
+    left = mel_low + index * mel_delta
+    center = mel_low + (index + 1.0) * mel_delta
+    right = mel_low + (index + 2.0) * mel_delta
+    mel = _mel_scale(sampling_rate / fft_size * torch.arange(num_fft_bins, dtype=torch.float32)).unsqueeze(0)
+    up = (mel - left) / (center - left)
+    down = (right - mel) / (right - center)
+    banks = torch.clamp(torch.minimum(up, down), min=0.0)
+    return torch.nn.functional.pad(banks, (0, 1)).T.contiguous()  # the Nyquist bin gets no weight
+
+
+def mel_filter_bank(num_mel_bins: int, fft_size: int, sampling_rate: int, dtype=torch.float32, device=None):
+    """Kaldi's triangular mel filters `[fft_size // 2 + 1, num_mel_bins]` from 20 Hz to Nyquist, built in float32
+    (as torchaudio builds them, whatever the dtype of the audio) and then cast to `dtype`."""
+    return _mel_filter_bank_cpu(num_mel_bins, fft_size, sampling_rate).to(device=device, dtype=dtype)
+
+
+@lru_cache(maxsize=32)
+def _mel_blocks(num_mel_bins: int, fft_size: int, sampling_rate: int, dtype, device) -> tuple:
+    """The filter bank as blocks of neighbouring filters with the FFT bins they cover:
+    `((first_filter, end_filter, first_bin, end_bin, weights [end_bin - first_bin, filters]), ...)`.
+
+    Each triangle covers a few bins, so most of the dense `[257, 128]` product multiplies by zero; the blocks skip
+    about three quarters of it. The skipped terms are exact zeros: the result is the dense product's.
+    """
+    banks = _mel_filter_bank_cpu(num_mel_bins, fft_size, sampling_rate)
+    blocks = []
+    for first_filter in range(0, num_mel_bins, MEL_FILTERS_PER_BLOCK):
+        end_filter = min(first_filter + MEL_FILTERS_PER_BLOCK, num_mel_bins)
+        covered = (banks[:, first_filter:end_filter] != 0).any(dim=1).nonzero().flatten()
+        if len(covered) == 0:  # filters narrower than an FFT bin: their energy stays 0, i.e. the log floor
+            continue
+        first_bin, end_bin = int(covered[0]), int(covered[-1]) + 1
+        weights = banks[first_bin:end_bin, first_filter:end_filter].to(device=device, dtype=dtype).contiguous()
+        blocks.append((first_filter, end_filter, first_bin, end_bin, weights))
+    return tuple(blocks)
+
+
+@lru_cache(maxsize=16)
+def _hann_window(frame_length: int, dtype, device) -> torch.Tensor:
+    # Kaldi's "hanning" window is the symmetric Hann window.
+    return torch.hann_window(frame_length, periodic=False, dtype=dtype, device=device)
 
 
 def kaldi_fbank(
@@ -88,65 +112,141 @@ def kaldi_fbank(
     num_mel_bins: int = 128,
     frame_length_ms: float = 25.0,
     frame_shift_ms: float = 10.0,
+    num_frames: int | None = None,
     remove_clip_dc: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """
-    Kaldi log-mel filter banks of a batch of mono clips, as the CAV-MAE reference computes them:
-    `torchaudio.compliance.kaldi.fbank(wave - wave.mean(), htk_compat=True, use_energy=False,
-    window_type="hanning", dither=0.0, num_mel_bins=128, frame_shift=10)` (25 ms frames, snip_edges, per-frame DC
-    removal, pre-emphasis 0.97, symmetric Hann window, power spectrum, mel filters from 20 Hz to Nyquist built in
-    float32, natural log floored at float32 epsilon).
+    Kaldi log-mel filter banks of a batch of mono clips, as the CAV-MAE reference computes them with
+    `torchaudio.compliance.kaldi.fbank(wave - wave.mean(), htk_compat=True, sample_frequency=sampling_rate,
+    use_energy=False, window_type="hanning", num_mel_bins=128, dither=0.0, frame_shift=10)`: 25 ms frames
+    (snip_edges), per-frame DC removal, pre-emphasis 0.97, symmetric Hann window, FFT of the next power of two
+    (512 at 16 kHz, 2048 at 44.1 kHz), power spectrum, mel filters from 20 Hz to Nyquist built in float32, natural
+    log floored at float32 epsilon.
+
+    The operations follow torchaudio's order, so float32 results match torchaudio's float32 to ~1e-6 and float64
+    ones its float64 to ~1e-14 (the same FFT library). Runs on the device of `waveforms`, in their dtype, without
+    a Python loop over clips or frames: on CPU the batch goes through in cache-sized chunks of frames.
 
     Args:
-        waveforms: `[B, N]` float32 or float64, on any device; clips shorter than N are zero-padded.
-        lengths: `[B]` valid samples of each clip (default: all N).
-        remove_clip_dc: subtract each clip's mean first (the reference's `wave - wave.mean()`).
+        waveforms (`torch.Tensor` of shape `[B, N]`):
+            float32 or float64 clips (float16 / bfloat16 are computed in float32), each padded to N with anything.
+        lengths (`torch.Tensor` or list of shape `[B]`, *optional*):
+            valid samples of each clip (default: N); the padding never enters a frame or a mean.
+        num_frames (`int`, *optional*):
+            zero-pad or cut the output to this many frames; frames past it are not computed. Default: the most
+            frames of any clip.
+        remove_clip_dc (`bool`, defaults to `True`):
+            subtract each clip's mean first, the reference's `wave - wave.mean()`. The per-frame DC removal cancels
+            it in exact arithmetic; it is done for float32 rounding to follow the reference's. Clips of different
+            lengths get their mean from a masked sum, which can round the mean differently from `wave.mean()` by
+            an ulp (visible only in near-silent bins); callers that subtract `clip.mean()` themselves pass False.
+
     Returns:
-        fbank `[B, T_max, num_mel_bins]` in the waveforms' dtype (frames past a clip's own count are 0) and
-        `[B]` frame counts.
+        `(fbank, frame_counts)`: fbank `[B, T, num_mel_bins]` in the computation dtype, 0 past each clip's own
+        frames; frame_counts `[B]`, the frames of each clip (`(length - frame_length) // shift + 1`, not capped
+        at `num_frames`).
     """
-    if waveforms.dim() != 2:
-        raise CavMaeFeatureExtractionError(f"kaldi_fbank takes [batch, samples] waveforms, got {tuple(waveforms.shape)}")
+    waveforms = _validated_fbank_input(waveforms)
     batch_size, num_samples = waveforms.shape
     device, dtype = waveforms.device, waveforms.dtype
-    if lengths is None:
-        lengths = torch.full((batch_size,), num_samples, device=device, dtype=torch.long)
-    lengths = lengths.to(device=device, dtype=torch.long)
+    lengths = num_samples if lengths is None else lengths
+    lengths = torch.as_tensor(lengths, device=device).long().expand(batch_size).clamp(max=num_samples)
     frame_length, frame_shift, fft_size = frame_parameters(sampling_rate, frame_length_ms, frame_shift_ms)
     frame_counts = num_frames_for(lengths, frame_length, frame_shift)
-    max_frames = int(frame_counts.max()) if batch_size else 0
-    output = waveforms.new_zeros(batch_size, max_frames, num_mel_bins)
-    if max_frames == 0:
+    most_frames = int(frame_counts.max()) if batch_size else 0
+    output_frames = most_frames if num_frames is None else num_frames
+    computed_frames = min(most_frames, output_frames)
+    output = waveforms.new_zeros(batch_size, output_frames, num_mel_bins)
+    if computed_frames == 0:
         return output, frame_counts
+
     if remove_clip_dc:
-        valid = torch.arange(num_samples, device=device).unsqueeze(0) < lengths.unsqueeze(1)
-        means = (waveforms * valid).sum(dim=1, keepdim=True) / lengths.clamp_min(1).unsqueeze(1)
-        waveforms = (waveforms - means) * valid
-    window = _frame_weights_cpu(frame_length, dtype).to(device)
-    banks = mel_filter_bank(num_mel_bins, fft_size, sampling_rate, dtype, device)
-    clips_per_chunk = max(1, FRAMES_PER_CHUNK // max_frames)
-    for start in range(0, batch_size, clips_per_chunk):
-        chunk = waveforms[start : start + clips_per_chunk, : (max_frames - 1) * frame_shift + frame_length]
-        output[start : start + clips_per_chunk] = _log_mel_of_frames(chunk, frame_length, frame_shift, window, banks, fft_size)
-    frame_index = torch.arange(max_frames, device=device).unsqueeze(0)
+        means = _clip_means(waveforms, lengths)
+    waveforms = waveforms[:, : (computed_frames - 1) * frame_shift + frame_length]
+    if remove_clip_dc:
+        waveforms = waveforms - means
+    frames = waveforms.unfold(1, frame_length, frame_shift)  # a view: [B, frames, frame_length]
+    window = _hann_window(frame_length, dtype, device)
+    mel_blocks = _mel_blocks(num_mel_bins, fft_size, sampling_rate, dtype, device)
+    chunks = _chunks(batch_size, computed_frames, _frames_per_chunk(fft_size, device))
+    largest_chunk = max((c1 - c0) * (f1 - f0) for c0, c1, f0, f1 in chunks)
+    fft_buffer = _zero_padded_buffer(largest_chunk, frame_length, fft_size, waveforms)
+    for c0, c1, f0, f1 in chunks:
+        _log_mel_into(output[c0:c1, f0:f1], frames[c0:c1, f0:f1], mel_blocks, window, fft_buffer)
+    frame_index = torch.arange(output_frames, device=device)
     output.masked_fill_((frame_index >= frame_counts.unsqueeze(1)).unsqueeze(-1), 0.0)
     return output, frame_counts
 
 
-def _log_mel_of_frames(chunk, frame_length, frame_shift, window, banks, fft_size):
-    """`[b, samples]` -> `[b, frames, mel]`: framing, DC removal, pre-emphasis, window, |rFFT|^2, mel, log."""
-    if chunk.shape[1] < frame_length:
-        chunk = torch.nn.functional.pad(chunk, (0, frame_length - chunk.shape[1]))
-    frames = chunk.unfold(1, frame_length, frame_shift)  # a view: [b, frames, frame_length]
-    frames = frames - frames.mean(dim=-1, keepdim=True)
-    emphasised = torch.empty_like(frames)
-    emphasised[..., 1:] = torch.addcmul(frames[..., 1:], frames[..., :-1], frames.new_tensor(-PREEMPHASIS))
-    emphasised[..., 0] = frames[..., 0] * (1.0 - PREEMPHASIS)
-    emphasised.mul_(window)
-    spectrum = torch.fft.rfft(emphasised, n=fft_size)
-    power = torch.view_as_real(spectrum).square_().sum(dim=-1)  # |X|^2 without the square root of abs()
-    mel = torch.matmul(power, banks)
-    return mel.clamp_min_(FLOAT32_EPSILON).log_()
+def _validated_fbank_input(waveforms) -> torch.Tensor:
+    if not isinstance(waveforms, torch.Tensor) or waveforms.dim() != 2:
+        shape = tuple(waveforms.shape) if hasattr(waveforms, "shape") else type(waveforms).__name__
+        raise CavMaeFeatureExtractionError(f"kaldi_fbank takes a [batch, samples] torch tensor, got {shape}.")
+    if not waveforms.is_floating_point():
+        raise CavMaeFeatureExtractionError(f"kaldi_fbank takes float waveforms, got {waveforms.dtype}.")
+    return waveforms.float() if waveforms.dtype in (torch.float16, torch.bfloat16) else waveforms
+
+
+def _clip_means(waveforms: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """`[B, 1]` mean of each clip's valid samples."""
+    if bool((lengths == waveforms.shape[1]).all()):
+        return waveforms.mean(dim=1, keepdim=True)
+    valid = torch.arange(waveforms.shape[1], device=waveforms.device) < lengths.unsqueeze(1)
+    sums = torch.where(valid, waveforms, 0.0).sum(dim=1, keepdim=True)
+    return sums / lengths.clamp(min=1).unsqueeze(1)
+
+
+def _frames_per_chunk(fft_size: int, device: torch.device) -> int:
+    # On CPU a chunk's FFT buffer (4 MB in float32) stays in the caches; a batched FFT over a whole batch does not,
+    # and is slower than one clip at a time. Accelerators take the batch in one go.
+    elements = CPU_CHUNK_ELEMENTS if device.type == "cpu" else ACCELERATOR_CHUNK_ELEMENTS
+    return max(1, elements // fft_size)
+
+
+def _chunks(batch_size: int, num_frames: int, frames_per_chunk: int) -> list[tuple[int, int, int, int]]:
+    """(first clip, end clip, first frame, end frame) tiles of at most `frames_per_chunk` frames (or one clip's
+    worth, if more): whole clips when they fit, pieces of one clip when a clip alone is longer."""
+    if num_frames <= frames_per_chunk:
+        clips_per_chunk = frames_per_chunk // num_frames
+        return [
+            (start, min(start + clips_per_chunk, batch_size), 0, num_frames)
+            for start in range(0, batch_size, clips_per_chunk)
+        ]
+    return [
+        (clip, clip + 1, start, min(start + frames_per_chunk, num_frames))
+        for clip in range(batch_size)
+        for start in range(0, num_frames, frames_per_chunk)
+    ]
+
+
+def _zero_padded_buffer(rows: int, frame_length: int, fft_size: int, like: torch.Tensor) -> torch.Tensor:
+    """`[rows, fft_size]`, zero past column `frame_length`: each chunk views its first rows as
+    `[clips, frames, fft_size]` and writes the first `frame_length` columns only, so the FFT input is contiguous
+    and already zero-padded (a padding `torch.fft.rfft(x, n=fft_size)` is several times slower)."""
+    buffer = like.new_empty(rows, fft_size)
+    buffer[:, frame_length:].zero_()
+    return buffer
+
+
+def _log_mel_into(output, frames, mel_blocks, window, fft_buffer):
+    """Fill `output` `[b, t, mel]` with the log-mel energies of `frames` `[b, t, frame_length]` (a view into the
+    clips), in the order and roundings of torchaudio's float32 code, which keeps the two within ~1e-6."""
+    clips, num_frames, frame_length = frames.shape
+    fft_size = fft_buffer.shape[1]
+    padded = fft_buffer[: clips * num_frames].view(clips, num_frames, fft_size)
+    samples = padded[..., :frame_length]
+    torch.sub(frames, frames.mean(dim=-1, keepdim=True), out=samples)
+    # Pre-emphasis y[j] = x[j] - 0.97 x[j-1], with x[-1] = x[0]; the products come first, so no sample is
+    # overwritten before it is used.
+    previous = samples[..., :-1] * PREEMPHASIS
+    samples[..., :1] -= samples[..., :1] * PREEMPHASIS
+    samples[..., 1:] -= previous
+    samples.mul_(window)
+    spectrum = torch.view_as_real(torch.fft.rfft(padded))
+    power = spectrum[..., 0].square().add_(spectrum[..., 1].square())
+    for first_filter, end_filter, first_bin, end_bin, weights in mel_blocks:
+        output[..., first_filter:end_filter] = power[..., first_bin:end_bin] @ weights
+    output.clamp_min_(FLOAT32_EPSILON).log_()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -154,7 +254,7 @@ def _log_mel_of_frames(chunk, frame_length, frame_shift, window, banks, fft_size
 # ----------------------------------------------------------------------------------------------------------------
 def _as_tensor(array) -> torch.Tensor:
     if isinstance(array, torch.Tensor):
-        return array
+        return array.detach()  # the fbank is not differentiable; a tensor that requires grad is taken as data
     if isinstance(array, (list, tuple)):
         array = np.asarray(array)
     if not isinstance(array, np.ndarray):
@@ -188,7 +288,9 @@ def _select_channel(waveform: torch.Tensor, channel) -> torch.Tensor:
     if waveform.dim() == 1:
         return waveform
     if waveform.dim() != 2:
-        raise CavMaeFeatureExtractionError(f"A clip must be 1-D or 2-D (channels x samples), got {tuple(waveform.shape)}.")
+        raise CavMaeFeatureExtractionError(
+            f"A clip must be 1-D or 2-D (channels x samples), got {tuple(waveform.shape)}."
+        )
     if waveform.shape[0] > waveform.shape[1] and waveform.shape[1] <= MAX_CHANNELS:
         waveform = waveform.T  # soundfile's [samples, channels]
     if waveform.shape[0] > MAX_CHANNELS:
@@ -199,7 +301,9 @@ def _select_channel(waveform: torch.Tensor, channel) -> torch.Tensor:
     if channel == "mean":
         return waveform.mean(dim=0)
     if not isinstance(channel, int) or not -waveform.shape[0] <= channel < waveform.shape[0]:
-        raise CavMaeFeatureExtractionError(f"audio_channel={channel!r} does not exist in a {waveform.shape[0]}-channel clip.")
+        raise CavMaeFeatureExtractionError(
+            f"audio_channel={channel!r} does not exist in a {waveform.shape[0]}-channel clip."
+        )
     return waveform[channel]
 
 
@@ -209,6 +313,8 @@ def _split_audio_batch(audio) -> list:
         if audio.ndim == 1:
             return [audio]
         if audio.ndim == 2:
+            if audio.shape[0] == 0:
+                raise CavMaeFeatureExtractionError("Empty audio batch.")
             return list(audio)
         raise CavMaeFeatureExtractionError(
             f"Audio arrays must be 1-D (one clip) or 2-D (a batch of mono clips), got shape {tuple(audio.shape)}. "
@@ -265,8 +371,15 @@ def _array_to_pil(array: np.ndarray) -> "Image.Image":
         array = np.transpose(array, (1, 2, 0))  # CHW -> HWC
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (2, 3, 4))):
+        raise CavMaeFeatureExtractionError(
+            f"An image array of shape {array.shape} has no layout with 1, 2, 3 or 4 channels: expected H x W, "
+            "H x W x {1, 2, 3, 4} (channels last) or {1, 3, 4} x H x W (channels first)."
+        )
     if array.dtype == np.uint16:
-        return Image.fromarray(array, mode="I;16") if array.ndim == 2 else Image.fromarray((array >> 8).astype(np.uint8))
+        if array.ndim == 2:
+            return Image.fromarray(array, mode="I;16")
+        return Image.fromarray((array >> 8).astype(np.uint8))
     if array.dtype != np.uint8:
         if not np.isfinite(array).all():
             raise CavMaeFeatureExtractionError("Image contains NaN or Inf values.")
@@ -289,15 +402,21 @@ class CavMaeFeatureExtractor(FeatureExtractionMixin):
     r"""
     Turns audio and frames into CAV-MAE inputs.
 
-    Audio: 16 kHz clips -> Kaldi log-mel fbank (see [`kaldi_fbank`]) -> zero-padded or cut to `max_length`
-    frames -> `(fbank - audio_mean) / audio_std` -> `input_features` `[B, max_length, num_mel_bins]`. Clips of any
-    length are processed as one batch on the CPU, or on the device of a torch input.
+    Audio: 16 kHz clips (float, or int16 / int32 PCM scaled to [-1, 1]; one channel of multi-channel audio, see
+    `audio_channel`) -> each clip's mean removed -> Kaldi log-mel fbank (see [`kaldi_fbank`]) -> zero-padded or cut
+    to `max_length` frames -> `(fbank - audio_mean) / audio_std` -> `input_features`
+    `[B, max_length, num_mel_bins]` (float32). Clips of any length are processed as one batch, on the CPU or on
+    the device of a torch input; float64 clips are computed in float64. Audio at another rate is refused with a
+    hint to `cavmae_hf.media.resample`; audio without a stated `sampling_rate` is assumed at the configured rate,
+    with a warning. Empty, too short, NaN / Inf and wrongly shaped audio raise `CavMaeFeatureExtractionError`.
 
-    Images: resize the shorter side to `image_size` (bicubic, PIL), center-crop `image_size`, scale to [0, 1],
-    normalise with `image_mean` / `image_std` -> `pixel_values` `[B, 3, image_size, image_size]`, or
-    `[B, F, 3, image_size, image_size]` when every sample is a list of F frames. PIL images and uint8 arrays follow
-    the reference's torchvision transforms exactly; float arrays and tensors in [0, 1] are quantised to 8 bits
-    first, as the reference's jpg frames were.
+    Images: convert to RGB (any PIL mode: RGBA, LA, L, P, CMYK, I;16, ...), resize the shorter side to
+    `resize_size` (default `image_size`; bicubic, with PIL), center-crop `image_size`, scale to [0, 1], normalise
+    with `image_mean` / `image_std` -> `pixel_values` `[B, 3, image_size, image_size]`, or
+    `[B, F, 3, image_size, image_size]` when every sample is a list of F frames. Every input goes through PIL, so
+    PIL images and uint8 arrays (HWC) follow the reference's torchvision transforms exactly; torch tensors (CHW)
+    are moved to the CPU, and float arrays / tensors (in [0, 1], or in [0, 255] when their maximum exceeds 1) are
+    quantised to 8 bits first, as the reference's jpg frames were.
 
     Args:
         sampling_rate (`int`, defaults to 16000): the rate audio must have.
@@ -307,7 +426,9 @@ class CavMaeFeatureExtractor(FeatureExtractionMixin):
         do_normalize (`bool`, defaults to True): apply the mean/std normalisation to the fbank.
         audio_channel (`int` or `"mean"`, defaults to 0): which channel of a multi-channel clip to use (the
             reference keeps the first), or `"mean"` to mix them down.
-        image_size (`int`, defaults to 224), image_mean / image_std (ImageNet's).
+        image_size (`int`, defaults to 224): side of the square crop.
+        resize_size (`int`, *optional*): the shorter side before the crop (default: `image_size`, as the reference).
+        image_mean / image_std (`list[float]`, default to ImageNet's).
         return_attention_mask (`bool`, defaults to False): also return `attention_mask` `[B, max_length]`
             (1 for frames computed from the audio, 0 for padding).
     """
@@ -326,6 +447,7 @@ class CavMaeFeatureExtractor(FeatureExtractionMixin):
         frame_length_ms: float = 25.0,
         frame_shift_ms: float = 10.0,
         image_size: int = 224,
+        resize_size: int | None = None,
         image_mean=IMAGENET_MEAN,
         image_std=IMAGENET_STD,
         return_attention_mask: bool = False,
@@ -342,6 +464,7 @@ class CavMaeFeatureExtractor(FeatureExtractionMixin):
         self.frame_length_ms = frame_length_ms
         self.frame_shift_ms = frame_shift_ms
         self.image_size = image_size
+        self.resize_size = resize_size
         self.image_mean = list(image_mean)
         self.image_std = list(image_std)
         self.return_attention_mask = return_attention_mask
@@ -390,7 +513,7 @@ class CavMaeFeatureExtractor(FeatureExtractionMixin):
 
     # Audio ------------------------------------------------------------------------------------------------------
     def extract_audio(self, audio, sampling_rate=None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """`input_features` `[B, max_length, num_mel_bins]` (float32) and attention mask `[B, max_length]`."""
+        """`input_features` `[B, max_length, num_mel_bins]` (float32) and the attention mask `[B, max_length]`."""
         self._check_sampling_rate(sampling_rate)
         waveforms, lengths = self.prepare_waveforms(audio, device=device)
         fbank, frame_counts = kaldi_fbank(
@@ -400,16 +523,20 @@ class CavMaeFeatureExtractor(FeatureExtractionMixin):
             num_mel_bins=self.num_mel_bins,
             frame_length_ms=self.frame_length_ms,
             frame_shift_ms=self.frame_shift_ms,
+            num_frames=self.max_length,
+            remove_clip_dc=False,  # prepare_waveforms did it, clip by clip, as the reference does
         )
-        features = self._pad_or_cut(fbank.float())
+        self._check_finite(fbank, waveforms)
+        features = fbank.float()
         if self.do_normalize:
-            features = (features - self.audio_mean) / self.audio_std
+            features.sub_(self.audio_mean).div_(self.audio_std)  # padding frames too, as in the reference
         frame_index = torch.arange(self.max_length, device=features.device).unsqueeze(0)
         attention_mask = (frame_index < frame_counts.unsqueeze(1)).long()
         return features, attention_mask
 
     def prepare_waveforms(self, audio, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Validated mono float clips, zero-padded into `[B, N_max]`, and their lengths `[B]`."""
+        """Validated mono float clips with their own mean removed (the reference's `wave - wave.mean()`),
+        zero-padded into `[B, N_max]`, and their lengths `[B]`. float64 if any clip is float64, else float32."""
         clips = []
         for index, clip in enumerate(_split_audio_batch(audio)):
             waveform = _select_channel(_to_float(_as_tensor(clip)), self.audio_channel)
@@ -417,18 +544,32 @@ class CavMaeFeatureExtractor(FeatureExtractionMixin):
             clips.append(waveform)
         device = device or next((c.device for c in clips if c.device.type != "cpu"), torch.device("cpu"))
         dtype = torch.float64 if any(c.dtype == torch.float64 for c in clips) else torch.float32
-        lengths = torch.tensor([len(c) for c in clips], device=device)
-        waveforms = torch.zeros(len(clips), int(lengths.max()), dtype=dtype, device=device)
-        for index, clip in enumerate(clips):
-            waveforms[index, : len(clip)] = clip.to(device=device, dtype=dtype)
-        return waveforms, lengths
+        lengths = [len(clip) for clip in clips]
+        waveforms = torch.zeros(len(clips), max(lengths), dtype=dtype, device=device)
+        for index, (row, clip) in enumerate(zip(waveforms, clips)):
+            clip = clip.to(device=device, dtype=dtype).contiguous()  # a strided channel would sum in another order
+            mean = clip.mean()
+            # A NaN or Inf sample makes the mean NaN or Inf, so the mean saves a pass over finite clips.
+            if not bool(torch.isfinite(mean)) and not bool(torch.isfinite(clip).all()):
+                raise CavMaeFeatureExtractionError(f"Audio clip {index} contains NaN or Inf values.")
+            torch.sub(clip, mean, out=row[: len(clip)])
+        return waveforms, torch.tensor(lengths, device=device)
+
+    @staticmethod
+    def _check_finite(fbank: torch.Tensor, waveforms: torch.Tensor):
+        """Samples far outside [-1, 1] (around 1e16 and more in float32) overflow the power spectrum."""
+        finite = torch.isfinite(fbank).flatten(1).all(dim=1)
+        if not bool(finite.all()):
+            index = int((~finite).nonzero()[0])
+            peak = float(waveforms[index].abs().max())
+            raise CavMaeFeatureExtractionError(
+                f"Audio clip {index} overflows the filter bank (peak {peak:.3g}): float audio is expected in [-1, 1]."
+            )
 
     def _check_waveform(self, waveform: torch.Tensor, index: int):
         frame_length, _, _ = frame_parameters(self.sampling_rate, self.frame_length_ms, self.frame_shift_ms)
         if waveform.numel() == 0:
             raise CavMaeFeatureExtractionError(f"Audio clip {index} is empty.")
-        if not bool(torch.isfinite(waveform).all()):
-            raise CavMaeFeatureExtractionError(f"Audio clip {index} contains NaN or Inf values.")
         if waveform.numel() < frame_length:
             raise CavMaeFeatureExtractionError(
                 f"Audio clip {index} has {waveform.numel()} samples, shorter than one {self.frame_length_ms:g} ms "
@@ -449,12 +590,6 @@ class CavMaeFeatureExtractor(FeatureExtractionMixin):
                 f"or load files with `cavmae_hf.media.load_audio(path, sampling_rate={self.sampling_rate})`."
             )
 
-    def _pad_or_cut(self, fbank: torch.Tensor) -> torch.Tensor:
-        frames = fbank.shape[1]
-        if frames >= self.max_length:
-            return fbank[:, : self.max_length]
-        return torch.nn.functional.pad(fbank, (0, 0, 0, self.max_length - frames))
-
     # Images -----------------------------------------------------------------------------------------------------
     def preprocess_images(self, images) -> torch.Tensor:
         """`[B, 3, S, S]`, or `[B, F, 3, S, S]` when each sample is a list of F frames."""
@@ -464,14 +599,17 @@ class CavMaeFeatureExtractor(FeatureExtractionMixin):
             return torch.stack([self.preprocess_image(image) for image in images])
         if not isinstance(images, (list, tuple)) or len(images) == 0:
             raise CavMaeFeatureExtractionError(
-                f"images must be an image, a list of images, or a list of lists of frames; got {type(images).__name__}."
+                "images must be an image, a list of images, or a list of lists of frames; "
+                f"got {type(images).__name__}."
             )
         if all(_is_image(image) for image in images):
             return torch.stack([self.preprocess_image(image) for image in images])
         samples = [self.preprocess_frames(sample) for sample in images]
         counts = {len(sample) for sample in samples}
         if len(counts) > 1:
-            raise CavMaeFeatureExtractionError(f"Every sample must have the same number of frames, got {sorted(counts)}.")
+            raise CavMaeFeatureExtractionError(
+                f"Every sample must have the same number of frames, got {sorted(counts)}."
+            )
         return torch.stack(samples)
 
     def preprocess_frames(self, frames) -> torch.Tensor:
@@ -480,15 +618,14 @@ class CavMaeFeatureExtractor(FeatureExtractionMixin):
         return torch.stack([self.preprocess_image(frame) for frame in frames])
 
     def preprocess_image(self, image) -> torch.Tensor:
-        """One image -> `[3, S, S]` float32, exactly torchvision's Resize(S, BICUBIC), CenterCrop(S), ToTensor,
-        Normalize on the PIL image."""
+        """One image -> `[3, S, S]` float32: exactly torchvision's `Resize(resize_size or S, BICUBIC)`,
+        `CenterCrop(S)`, `ToTensor`, `Normalize(image_mean, image_std)` on the PIL image (S = `image_size`)."""
         image = self._to_pil(image)
         width, height = image.size
         if width == 0 or height == 0:
             raise CavMaeFeatureExtractionError(f"Image of size {width}x{height} has no pixels.")
-        size = self.image_size
-        image = image.resize(_resized_size(width, height, size), Image.BICUBIC)
-        image = image.crop(_center_crop_box(*image.size, size))
+        image = image.resize(_resized_size(width, height, self.resize_size or self.image_size), Image.BICUBIC)
+        image = image.crop(_center_crop_box(*image.size, self.image_size))
         pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
         mean = torch.tensor(self.image_mean, dtype=torch.float32).view(3, 1, 1)
         std = torch.tensor(self.image_std, dtype=torch.float32).view(3, 1, 1)

@@ -4,7 +4,8 @@ no torchcodec.
 
 - `load_video(path)`: the audio track, resampled to 16 kHz mono, and frames sampled uniformly over the first
   10 s, as the CAV-MAE reference prepared its data (audio: `ffmpeg -ar 16000` then the first channel; frames:
-  frame `int(i * total / 10)` of `total = min(frame count, 10 s of frames)`).
+  frame `int(i * total / 10)` of `total = min(frame count, 10 s of frames)`, found by timestamp so that variable
+  frame rates work; display-matrix rotation applied).
 - `load_audio(path)`: wav/flac/ogg/mp3 (soundfile, with PyAV as fallback) or the audio track of a video.
 - `resample(waveform, orig_rate, target_rate)`: FFmpeg's resampler (libswresample) through PyAV.
 - `write_video`, `write_audio`: small files for tests, demos and synthetic data.
@@ -13,7 +14,7 @@ Decoding stops as soon as what is needed has been read, so memory and time stay 
 """
 
 import math
-import os
+import warnings
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -58,7 +59,9 @@ def _open(path) -> "av.container.InputContainer":
     try:
         return av.open(str(path), metadata_errors="ignore")
     except (av.error.FFmpegError, UnicodeDecodeError) as error:
-        raise MediaError(f"{path} is not a readable media file ({_describe(error)}).") from None
+        raise MediaError(
+            f"{path} is not a readable media file: not audio or video, or corrupt or truncated ({_describe(error)})."
+        ) from None
 
 
 def _describe(error: Exception) -> str:
@@ -74,7 +77,8 @@ def _decode_audio_stream(container, path, sampling_rate: int, max_seconds, chann
     if not container.streams.audio:
         raise MediaError(f"{path} has no audio stream.")
     stream = container.streams.audio[0]
-    resampler = av.AudioResampler(format="fltp", layout=stream.layout.name if stream.layout else None, rate=sampling_rate)
+    layout = stream.layout.name if stream.layout else None
+    resampler = av.AudioResampler(format="fltp", layout=layout, rate=sampling_rate)
     limit = None if max_seconds is None else int(math.ceil(max_seconds * sampling_rate))
     chunks, collected = [], 0
     try:
@@ -91,15 +95,21 @@ def _decode_audio_stream(container, path, sampling_rate: int, max_seconds, chann
     except av.error.FFmpegError as error:
         if not chunks:
             raise MediaError(f"{path}: the audio stream could not be decoded ({_describe(error)}).") from None
+        warnings.warn(
+            f"{path}: audio decoding stopped at {collected / sampling_rate:.2f} s on damaged data "
+            f"({_describe(error)}); the rest of the audio track is missing.",
+            stacklevel=3,
+        )
     if not chunks:
         raise MediaError(f"{path}: the audio stream holds no decodable samples.")
-    samples = np.concatenate(chunks, axis=1)  # [channels, N]
-    mono = samples.mean(axis=0) if channel == "mean" else samples[channel]
+    mono = _mono(np.concatenate(chunks, axis=1), channel, path)
     mono = mono[:limit] if limit is not None else mono
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 
-def load_audio(path, sampling_rate: int = DEFAULT_SAMPLING_RATE, max_seconds=None, channel=0) -> tuple[np.ndarray, int]:
+def load_audio(
+    path, sampling_rate: int = DEFAULT_SAMPLING_RATE, max_seconds=None, channel=0
+) -> tuple[np.ndarray, int]:
     """
     Read an audio file (wav, flac, ogg, mp3, ...) or the audio track of a video as mono float32 in [-1, 1] at
     `sampling_rate`. `channel` picks the channel of multi-channel audio (the reference keeps the first, 0) or
@@ -135,8 +145,16 @@ def _read_with_soundfile(path: Path, max_seconds, channel):
         return None
     if data.shape[0] == 0:
         raise MediaError(f"{path} holds no audio samples.")
-    mono = data.mean(axis=1) if channel == "mean" else data[:, channel]
-    return np.ascontiguousarray(mono, dtype=np.float32), rate
+    return np.ascontiguousarray(_mono(data.T, channel, path), dtype=np.float32), rate
+
+
+def _mono(samples: np.ndarray, channel, path) -> np.ndarray:
+    """`[N]` from `[channels, N]`: one channel (0, the first, is the reference's choice) or `"mean"`, their mix."""
+    if channel == "mean":
+        return samples.mean(axis=0)
+    if not isinstance(channel, (int, np.integer)) or not -len(samples) <= channel < len(samples):
+        raise MediaError(f"{path}: channel={channel!r} does not exist in its {len(samples)}-channel audio.")
+    return samples[channel]
 
 
 def resample(waveform, orig_rate: int, target_rate: int) -> np.ndarray:
@@ -145,7 +163,9 @@ def resample(waveform, orig_rate: int, target_rate: int) -> np.ndarray:
     (through PyAV), the resampler the reference's `ffmpeg -ar 16000` used. Returns float32.
     """
     waveform = np.asarray(waveform, dtype=np.float32)
-    if int(orig_rate) == int(target_rate):
+    if int(orig_rate) <= 0 or int(target_rate) <= 0:
+        raise MediaError(f"Sampling rates must be positive, got {orig_rate} -> {target_rate}.")
+    if int(orig_rate) == int(target_rate) or waveform.shape[-1] == 0:
         return waveform
     planar = waveform[None] if waveform.ndim == 1 else waveform
     if planar.ndim != 2 or planar.shape[0] > 8:
@@ -166,7 +186,9 @@ def resample(waveform, orig_rate: int, target_rate: int) -> np.ndarray:
 # Video
 # ----------------------------------------------------------------------------------------------------------------
 def frame_indices(total_frames: int, num_frames: int) -> list[int]:
-    """The reference's uniform sampling: frame `int(i * total / num_frames)` for i in 0..num_frames-1."""
+    """Uniform sampling as the reference intends it: frame `int(i * total / num_frames)` for i in
+    0..num_frames-1. (Its OpenCV code seeks to that index minus one before reading, so it reads one frame earlier
+    for i > 0, 40 ms at 25 fps; this port takes the intended frame.)"""
     return [int(i * total_frames / num_frames) for i in range(num_frames)]
 
 
@@ -225,7 +247,13 @@ def _decode_frames(container, path, num_frames: int, window_seconds: float):
             raise MediaError(f"{path}: the video stream could not be decoded ({_describe(error)}).") from None
     if last is None:
         raise MediaError(f"{path}: the video stream holds no decodable frames.")
-    while len(frames) < len(targets):  # a stream shorter than its header said: repeat its last frame
+    if len(frames) < len(targets):
+        warnings.warn(
+            f"{path}: the video stream ended at {(last.time or 0.0) - start:.2f} s, before the frame at "
+            f"{targets[len(frames)]:.2f} s (truncated file or wrong header); its last frame is repeated.",
+            stacklevel=3,
+        )
+    while len(frames) < len(targets):
         frames.append(_to_rgb_image(last))
         times.append((last.time or 0.0) - start)
     return frames, times
@@ -295,11 +323,32 @@ _CODECS = {
 }
 
 
+def _frame_rate(fps) -> Fraction:
+    """An exact frame rate: Fractions and ints as given; floats near an NTSC rate (23.976, 29.97, 59.94, ...) as
+    N * 1000 / 1001, others rounded to a denominator of at most 1001."""
+    if isinstance(fps, (Fraction, int)):
+        rate = Fraction(fps)
+    else:
+        rate = Fraction(float(fps)).limit_denominator(1001)
+        ntsc = Fraction(round(float(fps) * 1.001) * 1000, 1001)
+        if abs(float(fps) - float(ntsc)) < 0.01 and ntsc.denominator == 1001:
+            rate = ntsc
+    if rate <= 0:
+        raise MediaError(f"fps must be positive, got {fps!r}.")
+    return rate
+
+
 def _encoder_rate(codec: str, sampling_rate: int) -> int:
     # Opus encodes at 48 kHz (and a few lower rates) only.
     if codec in ("libopus", "opus") and sampling_rate not in (8000, 12000, 16000, 24000, 48000):
         return 48000
     return sampling_rate
+
+
+def _add_audio_stream(container, codec: str, sampling_rate: int, layout: str):
+    # FFmpeg's own Vorbis encoder (libvorbis is not in PyAV's wheels) is flagged experimental.
+    options = {"strict": "experimental"} if codec == "vorbis" else {}
+    return container.add_stream(codec, rate=_encoder_rate(codec, sampling_rate), layout=layout, options=options)
 
 
 def _planar_audio(audio) -> np.ndarray:
@@ -317,7 +366,8 @@ def _write_audio_stream(container, stream, planar: np.ndarray, sampling_rate: in
     resampler = av.AudioResampler(format=stream.format.name, layout=layout, rate=stream.rate)
     step = stream.codec_context.frame_size or 1024
     for start in range(0, planar.shape[1], step):
-        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(planar[:, start : start + step]), format="fltp", layout=layout)
+        chunk = np.ascontiguousarray(planar[:, start : start + step])
+        frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=layout)
         frame.sample_rate = sampling_rate
         for converted in resampler.resample(frame):
             container.mux(stream.encode(converted))
@@ -346,7 +396,7 @@ def write_video(
     if frames is None and audio is None:
         raise MediaError("write_video needs frames, audio or both.")
     default_video, default_audio = _CODECS.get(path.suffix.lower(), ("libx264", "aac"))
-    rate = Fraction(fps).limit_denominator(1001) if not isinstance(fps, Fraction) else fps
+    rate = _frame_rate(fps)
     with av.open(str(path), mode="w") as container:
         video_stream = audio_stream = None
         if frames is not None:
@@ -360,7 +410,7 @@ def write_video(
             planar = _planar_audio(audio)
             layout = {1: "mono", 2: "stereo"}.get(planar.shape[0], f"{planar.shape[0]}c")
             codec = audio_codec or default_audio
-            audio_stream = container.add_stream(codec, rate=_encoder_rate(codec, sampling_rate), layout=layout)
+            audio_stream = _add_audio_stream(container, codec, sampling_rate, layout)
         if video_stream is not None:
             for image in frames:
                 for packet in video_stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
@@ -386,7 +436,7 @@ def write_audio(path, audio, sampling_rate: int = DEFAULT_SAMPLING_RATE, subtype
         raise MediaError(f"Cannot write audio with extension {path.suffix!r}.")
     layout = {1: "mono", 2: "stereo"}.get(planar.shape[0], f"{planar.shape[0]}c")
     with av.open(str(path), mode="w") as container:
-        stream = container.add_stream(codec, rate=_encoder_rate(codec, sampling_rate), layout=layout)
+        stream = _add_audio_stream(container, codec, sampling_rate, layout)
         _write_audio_stream(container, stream, planar, sampling_rate)
     return path
 
@@ -412,6 +462,3 @@ __all__ = [
     "write_audio",
     "write_video",
 ]
-
-if os.environ.get("CAVMAE_AV_LOGGING") is None:
-    av.logging.set_level(av.logging.ERROR)  # FFmpeg's warnings about scraped files are noise; errors are raised

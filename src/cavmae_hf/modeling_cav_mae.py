@@ -167,14 +167,19 @@ def mask_tokens(tokens: torch.Tensor, mask_ratio: float, noise: torch.Tensor):
         kept `[B, N_keep, D]` (in ascending-noise order), mask `[B, N]` (1 = removed, in patch order),
         ids_restore `[B, N]` (argsort of the shuffle: gathers the shuffled sequence back into patch order).
     """
+    kept, mask, ids_restore, _ = _mask_tokens(tokens, mask_ratio, noise)
+    return kept, mask, ids_restore
+
+
+def _mask_tokens(tokens: torch.Tensor, mask_ratio: float, noise: torch.Tensor):
+    """[`mask_tokens`], also returning the removed patches' indices `[B, N - N_keep]` (for the loss)."""
     batch_size, length, dim = tokens.shape
     num_keep = int(length * (1 - mask_ratio))
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
-    ids_keep = ids_shuffle[:, :num_keep]
-    kept = torch.gather(tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, dim))
+    kept = torch.gather(tokens, 1, ids_shuffle[:, :num_keep].unsqueeze(-1).expand(-1, -1, dim))
     mask = (ids_restore >= num_keep).to(tokens.dtype)
-    return kept, mask, ids_restore
+    return kept, mask, ids_restore, ids_shuffle[:, num_keep:]
 
 
 def structured_audio_noise(
@@ -233,18 +238,31 @@ def image_to_spectrogram(image: torch.Tensor) -> torch.Tensor:
 
 
 def reconstruction_loss(
-    images: torch.Tensor, predictions: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix_loss: bool
+    images: torch.Tensor,
+    predictions: torch.Tensor,
+    mask: torch.Tensor,
+    patch_size: int,
+    norm_pix_loss: bool,
+    ids_removed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """
     Mean squared error over the removed patches. `images` `[B, C, H, W]`, `predictions` `[B, N, p*p*C]`,
     `mask` `[B, N]`. With `norm_pix_loss` the target patches are standardised (unbiased variance, eps 1e-6).
+    Given `ids_removed` `[B, N_removed]` (the removed patches; the same number in every sample, as masking gives),
+    targets and errors are computed for those patches only, instead of for all patches and then weighted by `mask`.
     """
     target = patchify(images, patch_size)
+    if ids_removed is not None:
+        index = ids_removed.unsqueeze(-1)
+        target = torch.gather(target, 1, index.expand(-1, -1, target.shape[-1]))
+        predictions = torch.gather(predictions, 1, index.expand(-1, -1, predictions.shape[-1]))
     if norm_pix_loss:
         mean = target.mean(dim=-1, keepdim=True)
         var = target.var(dim=-1, keepdim=True)
         target = (target - mean) / (var + 1.0e-6) ** 0.5
     per_patch = (predictions - target).pow(2).mean(dim=-1)
+    if ids_removed is not None:
+        return per_patch.mean()
     return (per_patch * mask).sum() / mask.sum()
 
 
@@ -315,7 +333,12 @@ def eager_attention_forward(
 
 
 class CavMaeAttention(nn.Module):
-    """Multi-head self-attention with a fused query/key/value projection (the checkpoints' layout)."""
+    """
+    Multi-head self-attention with a fused query/key/value projection (the checkpoints' layout).
+
+    Takes one stream `[B, N, D]`, or several streams packed as rows `[R, D]` (see [`CavMaeLayer`]): the projections
+    then run once over all rows, and attention within each stream.
+    """
 
     def __init__(self, config: CavMaeConfig, hidden_size: int, num_heads: int):
         super().__init__()
@@ -327,11 +350,30 @@ class CavMaeAttention(nn.Module):
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=config.qkv_bias)
         self.proj = nn.Linear(hidden_size, hidden_size)
 
-    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False):
-        """`[B, N, D]` -> (`[B, N, D]`, attention weights `[B, heads, N, N]` or None)."""
-        batch_size, length, _ = hidden_states.shape
-        qkv = self.qkv(hidden_states).view(batch_size, length, 3, self.num_heads, self.head_dim)
-        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False, segments=None):
+        """
+        `[B, N, D]` -> (`[B, N, D]`, attention weights `[B, heads, N, N]` or None). With `segments`, `hidden_states`
+        are packed rows `[R, D]` and the result is (`[R, D]`, a tuple of each stream's weights or None).
+        """
+        qkv = self.qkv(hidden_states)
+        if segments is None:
+            return self.attend_projected(qkv, output_attentions)
+        outputs, weights = [], []
+        for piece, (_, batch_size, length) in zip(qkv.split(_segment_rows(segments)), segments):
+            attn_output, attn_weights = self._attend(piece.view(batch_size, length, -1), output_attentions)
+            outputs.append(attn_output.reshape(batch_size * length, -1))
+            weights.append(attn_weights)
+        return self.proj(torch.cat(outputs)), (tuple(weights) if output_attentions else None)
+
+    def attend_projected(self, qkv: torch.Tensor, output_attentions: bool = False):
+        """The attention after the query/key/value projection: `[B, N, 3 * D]` -> (`[B, N, D]`, weights or None)."""
+        attn_output, attn_weights = self._attend(qkv, output_attentions)
+        return self.proj(attn_output), attn_weights
+
+    def _attend(self, qkv: torch.Tensor, output_attentions: bool):
+        """`[B, N, 3 * D]` projections -> attention output `[B, N, D]` (query, key and value stay views of `qkv`)."""
+        batch_size, length, _ = qkv.shape
+        query, key, value = qkv.view(batch_size, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         implementation = "eager" if output_attentions else self.config._attn_implementation
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         attn_output, attn_weights = attention_interface(
@@ -344,19 +386,153 @@ class CavMaeAttention(nn.Module):
             scaling=self.scaling,
             is_causal=False,
         )
-        attn_output = attn_output.reshape(batch_size, length, -1)
-        return self.proj(attn_output), attn_weights
+        return attn_output.reshape(batch_size, length, -1), attn_weights
+
+
+class _GeluLinearFunction(torch.autograd.Function):
+    """
+    `linear(gelu(x), weight, bias)` that keeps only `x` for the backward pass and recomputes `gelu(x)` there.
+
+    Autograd would otherwise keep both the MLP's pre-activation (for GELU's backward) and its activation (for the
+    second linear's weight gradient): each `intermediate_size` wide, together half of what a layer keeps for the
+    backward pass. Recomputing the GELU costs one elementwise pass. Mixed precision is handled explicitly (the
+    backward runs outside autocast): products run in the dtype of the forward's output, gradients come back in the
+    dtypes of the inputs, as autocast's casts would give them.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden_states, weight, bias):
+        output = nn.functional.linear(nn.functional.gelu(hidden_states), weight, bias)
+        ctx.save_for_backward(hidden_states, weight)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        hidden_states, weight = ctx.saved_tensors
+        grad_input = grad_weight = grad_bias = None
+        grad_rows = grad_output.reshape(-1, grad_output.shape[-1])
+        if ctx.needs_input_grad[1]:
+            activation = nn.functional.gelu(hidden_states).to(grad_output.dtype)
+            grad_weight = grad_rows.t().mm(activation.reshape(-1, activation.shape[-1])).to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_rows.sum(0).to(ctx.bias_dtype)
+        if ctx.needs_input_grad[0]:
+            grad_activation = grad_output.matmul(weight.to(grad_output.dtype)).to(hidden_states.dtype)
+            grad_input = torch.ops.aten.gelu_backward(grad_activation, hidden_states)
+        return grad_input, grad_weight, grad_bias
+
+
+class _LayerNormLinearFunction(torch.autograd.Function):
+    """
+    `linear(layer_norm(x), weight, bias)` that keeps only `x` (which the residual stream holds anyway) for the
+    backward pass and recomputes the normalised `x` there, instead of storing it for the linear's weight gradient.
+    The LayerNorm runs in its forward dtype (that of `x` here, with or without autocast); products run in the
+    dtype of the output; gradients come back in the dtypes of the inputs.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden_states, norm_weight, norm_bias, eps, weight, bias):
+        normed = nn.functional.layer_norm(hidden_states, hidden_states.shape[-1:], norm_weight, norm_bias, eps)
+        output = nn.functional.linear(normed, weight, bias)
+        ctx.save_for_backward(hidden_states, norm_weight, norm_bias, weight)
+        ctx.eps = eps
+        ctx.norm_dtype = normed.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        hidden_states, norm_weight, norm_bias, weight = ctx.saved_tensors
+        dtype, shape = ctx.norm_dtype, hidden_states.shape[-1:]
+        inputs = hidden_states.to(dtype)
+        gamma = None if norm_weight is None else norm_weight.to(dtype)
+        beta = None if norm_bias is None else norm_bias.to(dtype)
+        normed, mean, rstd = torch.native_layer_norm(inputs, shape, gamma, beta, ctx.eps)
+        grad_rows = grad_output.reshape(-1, grad_output.shape[-1])
+        grad_weight = grad_bias = None
+        if ctx.needs_input_grad[4]:
+            grad_weight = grad_rows.t().mm(normed.reshape(-1, shape[0]).to(grad_output.dtype)).to(weight.dtype)
+        if ctx.needs_input_grad[5]:
+            grad_bias = grad_rows.sum(0).to(ctx.bias_dtype)
+        grad_input = grad_gamma = grad_beta = None
+        if any(ctx.needs_input_grad[:3]):
+            grad_normed = grad_output.matmul(weight.to(grad_output.dtype)).to(dtype)
+            grad_input, grad_gamma, grad_beta = torch.ops.aten.native_layer_norm_backward(
+                grad_normed, inputs, shape, mean, rstd, gamma, beta, list(ctx.needs_input_grad[:3])
+            )
+            grad_input = None if grad_input is None else grad_input.to(hidden_states.dtype)
+            grad_gamma = None if grad_gamma is None else grad_gamma.to(norm_weight.dtype)
+            grad_beta = None if grad_beta is None else grad_beta.to(norm_bias.dtype)
+        return grad_input, grad_gamma, grad_beta, None, grad_weight, grad_bias
+
+
+def _is_plain(module: nn.Module, cls: type) -> bool:
+    """A bare `cls` module (not a subclass such as a quantised or adapter layer, no hooks, forward not replaced)."""
+    return (
+        type(module) is cls
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+        and "forward" not in module.__dict__
+    )
+
+
+def _is_plain_linear(module: nn.Module) -> bool:
+    return _is_plain(module, nn.Linear)
+
+
+def _recomputes_in_backward(hidden_states: torch.Tensor, module: nn.Module) -> bool:
+    """Whether a recomputing function should replace `module`'s stored activations: only while recording gradients."""
+    return (
+        CavMaeMLP.recompute_activation
+        and torch.is_grad_enabled()
+        and (hidden_states.requires_grad or any(p.requires_grad for p in module.parameters(recurse=False)))
+    )
+
+
+def _norm_linear(norm: nn.Module, linear: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """`linear(norm(hidden_states))`, recomputing the normalised states in the backward pass when training."""
+    if (
+        _recomputes_in_backward(hidden_states, linear)
+        and _is_plain(norm, nn.LayerNorm)
+        and norm.weight is not None
+        and _is_plain_linear(linear)
+    ):
+        return _LayerNormLinearFunction.apply(hidden_states, norm.weight, norm.bias, norm.eps, linear.weight, linear.bias)
+    return linear(norm(hidden_states))
 
 
 class CavMaeMLP(nn.Module):
+    """
+    `fc2(act(fc1(x)))`. While gradients are recorded and the activation is the exact GELU, the activation is
+    recomputed in the backward pass instead of being stored ([`_GeluLinearFunction`]); likewise the layers' inputs
+    to the query/key/value projection and to `fc1` are re-normalised in the backward pass instead of being stored
+    ([`_LayerNormLinearFunction`]). Together this cuts the activation memory of training by more than a third for
+    ~1-2 % more time. Set `CavMaeMLP.recompute_activation = False` to store everything instead. Inference, and
+    modules that are not bare `nn.Linear` / `nn.LayerNorm` (quantised, adapted or hooked), run the plain modules.
+    """
+
+    recompute_activation = True
+
     def __init__(self, config: CavMaeConfig, hidden_size: int, intermediate_size: int):
         super().__init__()
         self.fc1 = nn.Linear(hidden_size, intermediate_size)
         self.activation = ACT2FN[config.hidden_act]
         self.fc2 = nn.Linear(intermediate_size, hidden_size)
+        self._exact_gelu = config.hidden_act == "gelu"
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.activation(self.fc1(hidden_states)))
+        return self.activate_and_project(self.fc1(hidden_states))
+
+    def activate_and_project(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`fc2(act(h))` for the output `h` of `fc1`."""
+        if self._exact_gelu and _recomputes_in_backward(hidden_states, self.fc2) and _is_plain_linear(self.fc2):
+            return _GeluLinearFunction.apply(hidden_states, self.fc2.weight, self.fc2.bias)
+        return self.fc2(self.activation(hidden_states))
+
+
+def _segment_rows(segments) -> list[int]:
+    return [batch_size * length for _, batch_size, length in segments]
 
 
 class CavMaeLayer(GradientCheckpointingLayer):
@@ -364,6 +540,13 @@ class CavMaeLayer(GradientCheckpointingLayer):
     Pre-norm transformer layer whose attention and MLP may serve several streams. Each stream in `streams` has
     its own pair of LayerNorms (`layernorm_before[stream]`, `layernorm_after[stream]`): a modality-specific
     layer has one stream, a shared layer three (audio, visual, joint), a decoder layer one (joint).
+
+    Called with `hidden_states` `[B, N, D]` and `stream` a name, it runs one stream. Called with packed rows
+    `[R, D]` and `stream` a tuple of `(name, batch_size, length)` segments (rows in that order, each segment a
+    stream's `[batch_size, length, D]` flattened), it runs several streams at once: each segment gets its own
+    LayerNorms and attends within itself, while the projections and the MLP, whose weights the streams share, run
+    once over all rows (larger matrix products, and one weight-gradient product per weight instead of one per
+    stream).
     """
 
     def __init__(self, config: CavMaeConfig, hidden_size: int, num_heads: int, intermediate_size: int, streams):
@@ -374,11 +557,27 @@ class CavMaeLayer(GradientCheckpointingLayer):
         self.layernorm_after = nn.ModuleDict({s: nn.LayerNorm(hidden_size, eps=config.layer_norm_eps) for s in streams})
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, hidden_states: torch.Tensor, stream: str, output_attentions: bool = False):
-        attention_output, attn_weights = self.attention(self.layernorm_before[stream](hidden_states), output_attentions)
+    def forward(self, hidden_states: torch.Tensor, stream, output_attentions: bool = False):
+        if isinstance(stream, str):
+            qkv = _norm_linear(self.layernorm_before[stream], self.attention.qkv, hidden_states)
+            attention_output, attn_weights = self.attention.attend_projected(qkv, output_attentions)
+            hidden_states = hidden_states + self.dropout(attention_output)
+            intermediate = _norm_linear(self.layernorm_after[stream], self.mlp.fc1, hidden_states)
+            hidden_states = hidden_states + self.dropout(self.mlp.activate_and_project(intermediate))
+            return hidden_states, attn_weights
+        segments = stream
+        normed = _per_segment(self.layernorm_before, hidden_states, segments)
+        attention_output, attn_weights = self.attention(normed, output_attentions, segments)
         hidden_states = hidden_states + self.dropout(attention_output)
-        hidden_states = hidden_states + self.dropout(self.mlp(self.layernorm_after[stream](hidden_states)))
+        normed = _per_segment(self.layernorm_after, hidden_states, segments)
+        hidden_states = hidden_states + self.dropout(self.mlp(normed))
         return hidden_states, attn_weights
+
+
+def _per_segment(norms: nn.ModuleDict, rows: torch.Tensor, segments) -> torch.Tensor:
+    """Apply each segment's own LayerNorm to its rows of `rows` `[R, D]`."""
+    pieces = rows.split(_segment_rows(segments))
+    return torch.cat([norms[name](piece) for piece, (name, _, _) in zip(pieces, segments)])
 
 
 class CavMaeEmbeddings(nn.Module):
@@ -401,11 +600,14 @@ class CavMaeEmbeddings(nn.Module):
 
     def embed_audio(self, input_features: torch.Tensor) -> torch.Tensor:
         """`[B, T, F]` -> `[B, Na, D]`."""
-        patches = self.audio_patch_embeddings(spectrogram_to_image(input_features)).flatten(2).transpose(1, 2)
+        # Inputs come in float32 from the feature extractor; a model loaded in half precision takes them in its dtype.
+        image = spectrogram_to_image(input_features).to(self.audio_patch_embeddings.weight.dtype)
+        patches = self.audio_patch_embeddings(image).flatten(2).transpose(1, 2)
         return patches + self.audio_position_embeddings + self.audio_modality_embedding
 
     def embed_visual(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`[B, C, H, W]` -> `[B, Nv, D]`."""
+        pixel_values = pixel_values.to(self.visual_patch_embeddings.weight.dtype)
         patches = self.visual_patch_embeddings(pixel_values).flatten(2).transpose(1, 2)
         return patches + self.visual_position_embeddings + self.visual_modality_embedding
 
@@ -561,6 +763,35 @@ class CavMaeModel(CavMaePreTrainedModel):
         tokens = self._run_layers(self.shared_layers, tokens, stream, trace)
         return self.final_layernorm[stream](tokens)
 
+    def encode_shared_streams(self, streams, traces=None) -> list:
+        """
+        Run several streams through the shared layers at once: `streams` is a sequence of `(tokens [B, N, D], name)`
+        (names may repeat); returns each stream's output after its final LayerNorm, as [`encode_shared`] would.
+        The streams are packed as rows, so that the shared projections and MLPs run as one matrix product per weight
+        (see [`CavMaeLayer`]). `traces` (one per stream, or None) collect hidden states / attention weights.
+        """
+        streams = list(streams)
+        traces = list(traces) if traces is not None else [None] * len(streams)
+        if len(streams) == 1:
+            (tokens, name), trace = streams[0], traces[0]
+            return [self.encode_shared(tokens, name, trace)]
+        segments = tuple((name, tokens.shape[0], tokens.shape[1]) for tokens, name in streams)
+        traces = [trace or _StreamTrace() for trace in traces]
+        output_attentions = any(trace.attentions is not None for trace in traces)
+        for (tokens, _), trace in zip(streams, traces):
+            if trace.hidden_states is not None and not trace.hidden_states:
+                trace.hidden_states.append(tokens)
+        rows = torch.cat([tokens.reshape(-1, tokens.shape[-1]) for tokens, _ in streams])
+        for layer in self.shared_layers:
+            rows, attn_weights = layer(rows, segments, output_attentions)
+            pieces = _unpack(rows, segments)
+            for index, trace in enumerate(traces):
+                if trace.hidden_states is not None:
+                    trace.hidden_states.append(pieces[index])
+                if trace.attentions is not None:
+                    trace.attentions.append(attn_weights[index])
+        return [self.final_layernorm[name](piece) for piece, (name, _, _) in zip(_unpack(rows, segments), segments)]
+
     def _run_layers(self, layers, hidden_states, stream, trace):
         trace = trace or _StreamTrace()
         output_attentions = trace.attentions is not None
@@ -608,18 +839,24 @@ class CavMaeModel(CavMaePreTrainedModel):
         validate_inputs(self.config, input_features, pixel_values)
         encoded = self.encode_both_modalities(input_features, pixel_values, output_hidden_states, output_attentions)
 
+        # The modality streams and the joint stream go through the shared layers together.
+        streams = [(tokens, modality) for modality, (tokens, _) in encoded.items()]
+        traces = [trace for _, trace in encoded.values()]
+        if len(encoded) == 2:
+            joint_trace = _StreamTrace.start(output_hidden_states, output_attentions)
+            streams.append((torch.cat([encoded[AUDIO][0], encoded[VISUAL][0]], dim=1), JOINT))
+            traces.append(joint_trace)
+        stream_outputs = self.encode_shared_streams(streams, traces)
+
         outputs = {}
-        for modality, (tokens, trace) in encoded.items():
-            stream_output = self.encode_shared(tokens, modality, trace)
+        for modality, stream_output, trace in zip(encoded, stream_outputs, traces):
             hidden, attentions = trace.as_tuples()
             outputs[f"{modality}_last_hidden_state"] = stream_output
             outputs[f"{modality}_embeds"] = stream_output.mean(dim=1)
             outputs[f"{modality}_hidden_states"] = hidden
             outputs[f"{modality}_attentions"] = attentions
         if len(encoded) == 2:
-            joint_trace = _StreamTrace.start(output_hidden_states, output_attentions)
-            joint_tokens = torch.cat([encoded[AUDIO][0], encoded[VISUAL][0]], dim=1)
-            joint_output = self.encode_shared(joint_tokens, JOINT, joint_trace)
+            joint_output = stream_outputs[2]
             outputs["last_hidden_state"] = joint_output
             outputs["pooler_output"] = joint_output.mean(dim=1)
             outputs["hidden_states"], outputs["attentions"] = joint_trace.as_tuples()
@@ -646,6 +883,14 @@ class CavMaeModel(CavMaePreTrainedModel):
             config.output_attentions if output_attentions is None else output_attentions,
             config.return_dict if return_dict is None else return_dict,
         )
+
+
+def _unpack(rows: torch.Tensor, segments) -> list:
+    """Packed rows `[R, D]` -> each segment's `[batch_size, length, D]` (views)."""
+    return [
+        piece.view(batch_size, length, -1)
+        for piece, (_, batch_size, length) in zip(rows.split(_segment_rows(segments)), segments)
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -805,10 +1050,10 @@ class CavMaeForPreTraining(CavMaePreTrainedModel):
         visual_noise = self._visual_noise(visual_noise, batch_size, pixel_values.device)
 
         model = self.cav_mae
-        audio, audio_mask, audio_ids_restore = mask_tokens(
+        audio, audio_mask, audio_ids_restore, audio_ids_removed = _mask_tokens(
             model.embed(AUDIO, input_features), config.audio_mask_ratio, audio_noise
         )
-        visual, visual_mask, visual_ids_restore = mask_tokens(
+        visual, visual_mask, visual_ids_restore, visual_ids_removed = _mask_tokens(
             model.embed(VISUAL, pixel_values), config.visual_mask_ratio, visual_noise
         )
         audio = model.encode_modality(audio, AUDIO)
@@ -819,15 +1064,28 @@ class CavMaeForPreTraining(CavMaePreTrainedModel):
             "audio_ids_restore": audio_ids_restore,
             "visual_ids_restore": visual_ids_restore,
         }
+        # The joint stream (for the decoder) and the modality streams (for the contrastive loss) share one pass
+        # through the shared layers.
+        streams = []
+        if config.mae_loss_weight != 0:
+            streams.append((torch.cat([audio, visual], dim=1), JOINT))
+        if config.contrastive_loss_weight != 0:
+            streams += [(audio, AUDIO), (visual, VISUAL)]
+        stream_outputs = model.encode_shared_streams(streams)
         loss = 0.0
         if config.mae_loss_weight != 0:
-            latent = model.encode_shared(torch.cat([audio, visual], dim=1), JOINT)
+            latent = stream_outputs.pop(0)
             audio_logits, visual_logits = self.decoder(latent, audio.shape[1], audio_ids_restore, visual_ids_restore)
             audio_mae_loss = reconstruction_loss(
-                spectrogram_to_image(input_features), audio_logits, audio_mask, config.patch_size, config.norm_pix_loss
+                spectrogram_to_image(input_features),
+                audio_logits,
+                audio_mask,
+                config.patch_size,
+                config.norm_pix_loss,
+                audio_ids_removed,
             )
             visual_mae_loss = reconstruction_loss(
-                pixel_values, visual_logits, visual_mask, config.patch_size, config.norm_pix_loss
+                pixel_values, visual_logits, visual_mask, config.patch_size, config.norm_pix_loss, visual_ids_removed
             )
             mae_loss = audio_mae_loss + visual_mae_loss
             loss = loss + config.mae_loss_weight * mae_loss
@@ -840,8 +1098,7 @@ class CavMaeForPreTraining(CavMaePreTrainedModel):
                 mae_loss=mae_loss,
             )
         if config.contrastive_loss_weight != 0:
-            audio_embeds = model.encode_shared(audio, AUDIO).mean(dim=1)
-            visual_embeds = model.encode_shared(visual, VISUAL).mean(dim=1)
+            audio_embeds, visual_embeds = (stream.mean(dim=1) for stream in stream_outputs)
             c_loss, c_accuracy = contrastive_loss(
                 audio_embeds,
                 visual_embeds,
@@ -976,7 +1233,8 @@ class CavMaeForAudioVisualClassification(CavMaePreTrainedModel):
             joint = torch.cat([audio.repeat_interleave(num_frames, dim=0), visual], dim=1)
             return model.encode_shared(joint, JOINT).mean(dim=1)
         present, modality = (audio, AUDIO) if audio is not None else (visual, VISUAL)
-        return (model.encode_shared(present, JOINT).mean(dim=1) + model.encode_shared(present, modality).mean(dim=1)) / 2
+        joint, alone = model.encode_shared_streams([(present, JOINT), (present, modality)])
+        return (joint.mean(dim=1) + alone.mean(dim=1)) / 2
 
     def _check_mode_inputs(self, input_features, pixel_values):
         mode = self.config.classification_mode

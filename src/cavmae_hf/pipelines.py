@@ -21,7 +21,11 @@ classified together: the audio's modality-specific layers run once per clip, onl
 per frame, and the per-frame probabilities are averaged (see `CavMaeForAudioVisualClassification`).
 """
 
+import json
+import math
+import numbers
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +38,7 @@ from transformers.pipelines.pt_utils import PipelineDataset, PipelineIterator
 from transformers.utils import logging
 
 from . import media
-from .feature_extraction_cav_mae import CavMaeFeatureExtractor
+from .feature_extraction_cav_mae import CavMaeFeatureExtractionError, CavMaeFeatureExtractor
 from .modeling_cav_mae import AUDIO, JOINT, VISUAL, CavMaeInputError, validate_inputs
 
 logger = logging.get_logger(__name__)
@@ -43,8 +47,18 @@ CLASSIFICATION_TASK = "audio-visual-classification"
 FEATURE_EXTRACTION_TASK = "audio-visual-feature-extraction"
 DEFAULT_NUM_FRAMES = 10
 
+WEIGHTS_SAFETENSORS = "model.safetensors"
+WEIGHTS_SAFETENSORS_INDEX = "model.safetensors.index.json"
+WEIGHTS_PICKLE = "pytorch_model.bin"
+WEIGHTS_PICKLE_INDEX = "pytorch_model.bin.index.json"
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".ogg", ".mp3", ".opus", ".aac", ".m4a", ".wma", ".aiff", ".aif"})
+
+
+class CheckpointLoadError(ValueError):
+    """A saved CAV-MAE directory cannot be used: missing or unreadable config or weights, weights that do not fit the
+    config, a pickle that needs more than tensors (refused), or a model whose outputs are NaN / Inf."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -66,7 +80,12 @@ class Clip:
         )
 
 
-def load_clip(source, num_frames: int = DEFAULT_NUM_FRAMES, sampling_rate: int = media.DEFAULT_SAMPLING_RATE) -> Clip:
+def load_clip(
+    source,
+    num_frames: int = DEFAULT_NUM_FRAMES,
+    sampling_rate: int = media.DEFAULT_SAMPLING_RATE,
+    audio_seconds: float | None = media.DEFAULT_AUDIO_SECONDS,
+) -> Clip:
     """
     Decode what a pipeline was given into a [`Clip`]:
 
@@ -78,6 +97,11 @@ def load_clip(source, num_frames: int = DEFAULT_NUM_FRAMES, sampling_rate: int =
       `"array"` / `"raw"` are accepted for `"audio"`, `"images"` for `"frames"`), resampled to `sampling_rate`;
     - a [`Clip`] (resampled if needed).
 
+    Files are decoded only as far as needed: `audio_seconds` of audio (None: all of it) and the frames sampled from
+    the first 10 s, so a long file costs no more than a short one. Integer PCM in a dict is scaled to [-1, 1] and
+    `[samples, channels]` audio is turned to `[channels, samples]` before resampling, as the feature extractor reads
+    them.
+
     Raises:
         MediaError: unreadable, missing or empty files.
         CavMaeInputError: inputs of the wrong kind.
@@ -85,7 +109,7 @@ def load_clip(source, num_frames: int = DEFAULT_NUM_FRAMES, sampling_rate: int =
     if isinstance(source, Clip):
         clip = source
     elif isinstance(source, (str, os.PathLike)):
-        return _load_path(Path(source), num_frames, sampling_rate)
+        return _load_path(Path(source), num_frames, sampling_rate, audio_seconds)
     elif isinstance(source, dict):
         clip = _clip_from_dict(source)
     else:
@@ -94,35 +118,75 @@ def load_clip(source, num_frames: int = DEFAULT_NUM_FRAMES, sampling_rate: int =
             f"got {type(source).__name__}."
         )
     if clip.audio is not None and clip.sampling_rate != sampling_rate:
-        clip = Clip(
-            media.resample(clip.audio, clip.sampling_rate, sampling_rate), sampling_rate, clip.frames, clip.source
-        )
+        audio = _channels_first(_pcm_to_float(clip.audio))
+        clip = Clip(media.resample(audio, clip.sampling_rate, sampling_rate), sampling_rate, clip.frames, clip.source)
     return clip
 
 
-def _load_path(path: Path, num_frames: int, sampling_rate: int) -> Clip:
+def audio_seconds_for(feature_extractor) -> float:
+    """Seconds of audio the fbank frames of `feature_extractor` use (at least the default 10.3 s a video's track is
+    decoded for): `(max_length - 1) * shift + window`."""
+    frame_shift = getattr(feature_extractor, "frame_shift_ms", 10.0) / 1000.0
+    frame_length = getattr(feature_extractor, "frame_length_ms", 25.0) / 1000.0
+    needed = (feature_extractor.max_length - 1) * frame_shift + frame_length
+    return max(media.DEFAULT_AUDIO_SECONDS, math.ceil(needed * 100) / 100)
+
+
+def _pcm_to_float(audio: np.ndarray) -> np.ndarray:
+    """Integer PCM scaled to [-1, 1] as the feature extractor scales it (uint8, int16, int32); floats unchanged."""
+    if audio.dtype == np.uint8:
+        return (audio.astype(np.float32) - 128.0) / 128.0
+    if audio.dtype == np.int16:
+        return audio.astype(np.float32) / 32768.0
+    if audio.dtype == np.int32:
+        return (audio.astype(np.float64) / 2147483648.0).astype(np.float32)
+    if audio.dtype.kind in "iub":
+        raise CavMaeInputError(f"Audio of dtype {audio.dtype} is not PCM: use float, int16 or int32.")
+    return audio
+
+
+def _channels_first(audio: np.ndarray) -> np.ndarray:
+    """`[channels, samples]` from `[samples, channels]` (up to 16 channels, the feature extractor's rule)."""
+    if audio.ndim == 2 and audio.shape[0] > audio.shape[1] and audio.shape[1] <= 16:
+        return np.ascontiguousarray(audio.T)
+    return audio
+
+
+def _load_path(path: Path, num_frames: int, sampling_rate: int, audio_seconds) -> Clip:
+    _check_file(path)
     suffix = path.suffix.lower()
     if suffix in IMAGE_EXTENSIONS:
         return Clip(frames=[_load_image(path)], source=str(path))
     if suffix in AUDIO_EXTENSIONS:
-        audio, rate = media.load_audio(path, sampling_rate=sampling_rate)
+        audio, rate = media.load_audio(path, sampling_rate=sampling_rate, max_seconds=audio_seconds)
         return Clip(audio=audio, sampling_rate=rate, source=str(path))
     has_audio, has_video = _probe_streams(path)
     if not has_video:
-        audio, rate = media.load_audio(path, sampling_rate=sampling_rate)
+        audio, rate = media.load_audio(path, sampling_rate=sampling_rate, max_seconds=audio_seconds)
         return Clip(audio=audio, sampling_rate=rate, source=str(path))
     if not has_audio:
         logger.warning(f"{path} has no audio stream: only its frames are used.")
-    video = media.load_video(path, num_frames=num_frames, sampling_rate=sampling_rate, load_audio=has_audio)
+    video = media.load_video(
+        path, num_frames=num_frames, sampling_rate=sampling_rate, load_audio=has_audio, audio_seconds=audio_seconds
+    )
     return Clip(audio=video.audio, sampling_rate=video.sampling_rate, frames=list(video.frames), source=str(path))
+
+
+def _check_file(path: Path):
+    """The errors `cavmae_hf.media` gives for paths that are no file at all, before any decoder sees them."""
+    if not path.exists():
+        raise media.MediaError(f"File not found: {path}")
+    if path.is_dir():
+        raise media.MediaError(f"{path} is a directory, not a media file.")
+    if path.stat().st_size == 0:
+        raise media.MediaError(f"{path} is empty (0 bytes).")
 
 
 def _probe_streams(path: Path) -> tuple[bool, bool]:
     """(has an audio stream, has a video stream), reading only the header."""
     import av
 
-    if not path.is_file():
-        raise media.MediaError(f"File not found: {path}")
+    _check_file(path)
     try:
         with av.logging.Capture(), av.open(str(path), metadata_errors="ignore") as container:  # no FFmpeg log lines
             return bool(container.streams.audio), bool(container.streams.video)
@@ -132,15 +196,20 @@ def _probe_streams(path: Path) -> tuple[bool, bool]:
 
 
 def _load_image(path: Path):
-    from PIL import Image
+    """An image file as an upright RGB PIL image: EXIF orientation applied, 16-bit grey scaled to 8 bits (not
+    clipped), the first frame of an animation, any mode (P, LA, RGBA, CMYK, I;16) converted as the feature extractor
+    converts arrays and images it is given."""
+    from PIL import Image, ImageOps
 
-    if not path.is_file():
-        raise media.MediaError(f"File not found: {path}")
+    _check_file(path)
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
-    except OSError as error:
+            image.seek(0)  # an animated GIF / WebP or a multi-page TIFF: its first frame
+            image.load()
+            upright = ImageOps.exif_transpose(image)  # a loaded copy, turned as the EXIF orientation tag says
+    except (OSError, ValueError, Image.DecompressionBombError) as error:  # PIL's errors for unreadable images
         raise media.MediaError(f"{path} is not a readable image ({error}).") from None
+    return CavMaeFeatureExtractor._to_pil(upright)
 
 
 def _clip_from_dict(inputs: dict) -> Clip:
@@ -150,26 +219,86 @@ def _clip_from_dict(inputs: dict) -> Clip:
         raise CavMaeInputError(f"Unknown keys {unknown} in the input dict; use 'audio', 'sampling_rate' and 'frames'.")
     audio = next((inputs[key] for key in ("audio", "array", "raw") if inputs.get(key) is not None), None)
     frames = next((inputs[key] for key in ("frames", "images") if inputs.get(key) is not None), None)
-    if audio is None and frames is None:
-        raise CavMaeInputError("The input dict has neither 'audio' nor 'frames'.")
-    if audio is not None:
-        if inputs.get("sampling_rate") is None:
-            raise CavMaeInputError("The input dict has 'audio' but no 'sampling_rate'.")
-        audio = audio.detach().cpu().numpy() if isinstance(audio, torch.Tensor) else np.asarray(audio)
     if frames is not None and not isinstance(frames, (list, tuple)):
         frames = list(frames) if getattr(frames, "ndim", 0) == 4 else [frames]
-    return Clip(audio, inputs.get("sampling_rate"), list(frames or []), inputs.get("path"))
+    if frames is not None and len(frames) == 0:
+        frames = None  # an empty list of frames: no visual input
+    if audio is None and frames is None:
+        raise CavMaeInputError("The input dict has neither 'audio' nor 'frames' (or they are empty).")
+    sampling_rate = None
+    if audio is not None:
+        sampling_rate = _sampling_rate(inputs.get("sampling_rate"))
+        audio = _waveform(audio)
+    for frame in frames or []:
+        if isinstance(frame, (str, os.PathLike, bytes)):
+            raise CavMaeInputError(
+                f"'frames' must hold images (PIL images, HWC arrays or CHW tensors), got {type(frame).__name__}; "
+                "pass an image file as the input itself, not inside 'frames'."
+            )
+    return Clip(audio, sampling_rate, list(frames or []), inputs.get("path"))
+
+
+def _sampling_rate(value) -> int:
+    if value is None:
+        raise CavMaeInputError("The input dict has 'audio' but no 'sampling_rate'.")
+    integral = isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer()
+    if not integral or value <= 0:
+        raise CavMaeInputError(f"'sampling_rate' must be a positive whole number of Hz, got {value!r}.")
+    return int(value)
+
+
+def _waveform(audio) -> np.ndarray:
+    if isinstance(audio, torch.Tensor):
+        audio = audio.detach().cpu()
+        audio = audio.float() if audio.dtype in (torch.float16, torch.bfloat16) else audio
+        return audio.numpy()
+    if isinstance(audio, (str, bytes, os.PathLike)):
+        raise CavMaeInputError(
+            f"'audio' must be a waveform (an array of samples), got {type(audio).__name__}; pass an audio file as "
+            "the input itself, not inside the dict."
+        )
+    try:
+        array = np.asarray(audio)
+    except ValueError:  # ragged nested lists
+        array = np.asarray(audio, dtype=object)
+    if array.dtype.kind not in "iuf":
+        raise CavMaeInputError(f"'audio' must be an array of numbers, got values of dtype {array.dtype}.")
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    return array
 
 
 def clip_features(feature_extractor: CavMaeFeatureExtractor, clip: Clip) -> dict[str, torch.Tensor]:
     """Model inputs of one clip: `input_features` `[1, T, F]` and/or `pixel_values` `[1, num_frames, 3, S, S]`."""
     features = {}
     if clip.audio is not None:
-        extracted = feature_extractor(audio=clip.audio, sampling_rate=clip.sampling_rate, return_tensors="pt")
+        audio = clip.audio
+        if getattr(audio, "ndim", 1) not in (1, 2):
+            raise CavMaeInputError(
+                f"Audio must be [samples], [channels, samples] or [samples, channels], got shape {tuple(audio.shape)}."
+            )
+        # One clip: a 2-D waveform is its channels (a bare 2-D array would be read as a batch of mono clips).
+        with _naming(clip.source):
+            extracted = feature_extractor(audio=[audio], sampling_rate=clip.sampling_rate, return_tensors="pt")
         features["input_features"] = extracted["input_features"]
     if clip.frames:
-        features["pixel_values"] = feature_extractor(images=[list(clip.frames)], return_tensors="pt")["pixel_values"]
+        with _naming(clip.source):
+            features["pixel_values"] = feature_extractor(images=[list(clip.frames)], return_tensors="pt")[
+                "pixel_values"
+            ]
     return features
+
+
+@contextmanager
+def _naming(source: str | None):
+    """Prefix feature-extraction errors with the file they come from ("Audio clip 0 ..." says nothing about which
+    of the files given to a pipeline or to the command line is at fault)."""
+    try:
+        yield
+    except CavMaeFeatureExtractionError as error:
+        if source is None:
+            raise
+        raise type(error)(f"{source}: {error}") from None
 
 
 def feature_extractor_for(config) -> CavMaeFeatureExtractor:
@@ -180,40 +309,196 @@ def feature_extractor_for(config) -> CavMaeFeatureExtractor:
 
 
 def load_feature_extractor(model_dir, config) -> CavMaeFeatureExtractor:
-    """The feature extractor saved in `model_dir` (a local directory), else one built from `config`."""
+    """The feature extractor saved in `model_dir` (a local directory), else one built from `config`.
+
+    Raises:
+        CheckpointLoadError: `preprocessor_config.json` exists but cannot be read, or describes another extractor
+            (a silent fallback to the defaults would compute features the model was not trained on).
+    """
     from transformers import AutoFeatureExtractor
 
-    if (Path(model_dir) / "preprocessor_config.json").is_file():
-        return AutoFeatureExtractor.from_pretrained(model_dir)
-    return feature_extractor_for(config)
+    path = Path(model_dir) / "preprocessor_config.json"
+    if not path.is_file():
+        return feature_extractor_for(config)
+    try:
+        extractor = AutoFeatureExtractor.from_pretrained(model_dir)
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise CheckpointLoadError(f"{path} could not be read: {_first_line(error)}") from None
+    if not isinstance(extractor, CavMaeFeatureExtractor):
+        raise CheckpointLoadError(f"{path} describes a {type(extractor).__name__}, not a CavMaeFeatureExtractor.")
+    return extractor
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading saved directories, with their weights checked first
+# ----------------------------------------------------------------------------------------------------------------
+def _first_line(error: BaseException) -> str:
+    """The first line of an error message, without torch's advice to turn the weights-only check off."""
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else type(error).__name__
+    return first.split(". This file can still be loaded")[0].split(". In PyTorch 2.6")[0]
+
+
+def read_config(model_dir):
+    """The `CavMaeConfig` of a saved directory; a clear [`CheckpointLoadError`] for a missing or unreadable
+    `config.json` or one of another model type."""
+    from .configuration_cav_mae import CavMaeConfig
+
+    model_dir = Path(model_dir).expanduser()
+    if not model_dir.is_dir():
+        raise CheckpointLoadError(f"Model directory not found: {model_dir}")
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        raise CheckpointLoadError(f"{model_dir} is not a saved model directory (no config.json).")
+    try:
+        data = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointLoadError(f"{config_file} is not valid JSON ({error}).") from None
+    model_type = data.get("model_type") if isinstance(data, dict) else None
+    if model_type != CavMaeConfig.model_type:
+        raise CheckpointLoadError(
+            f"{model_dir} holds a model of type {model_type!r}, not a CAV-MAE checkpoint (model_type 'cav_mae')."
+        )
+    try:
+        return CavMaeConfig.from_pretrained(model_dir)
+    except (ValueError, TypeError, KeyError) as error:
+        raise CheckpointLoadError(f"{config_file} is not a valid CAV-MAE configuration: {_first_line(error)}") from None
+
+
+def _weight_files(model_dir: Path) -> tuple[list[Path], bool]:
+    """The weight files of `model_dir` and whether they are pickles (`pytorch_model.bin`, read only with
+    `weights_only=True`); safetensors first, as `from_pretrained` prefers them."""
+    for single, index, pickled in (
+        (WEIGHTS_SAFETENSORS, WEIGHTS_SAFETENSORS_INDEX, False),
+        (WEIGHTS_PICKLE, WEIGHTS_PICKLE_INDEX, True),
+    ):
+        if (model_dir / single).is_file():
+            return [model_dir / single], pickled
+        if (model_dir / index).is_file():
+            try:
+                weight_map = json.loads((model_dir / index).read_text(encoding="utf-8"))["weight_map"]
+                shards = sorted(set(weight_map.values()))
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+                raise CheckpointLoadError(f"{model_dir / index} is not a valid weight index ({error}).") from None
+            files = []
+            for shard in shards:
+                path = model_dir / str(shard)
+                if Path(str(shard)).name != str(shard) or not path.is_file():
+                    raise CheckpointLoadError(
+                        f"{model_dir / index} names a shard that is not in {model_dir}: {shard!r}."
+                    )
+                files.append(path)
+            return files, pickled
+    raise CheckpointLoadError(f"{model_dir} has no weights ({WEIGHTS_SAFETENSORS} not found).")
+
+
+def checkpoint_shapes(model_dir) -> dict[str, tuple[int, ...]]:
+    """`{tensor name: shape}` of the weights of a saved directory, read from the safetensors headers (no tensor is
+    loaded), or for a `pytorch_model.bin` with `torch.load(weights_only=True)` onto the meta device: a pickle that
+    needs more than tensors is refused without running anything."""
+    from safetensors import SafetensorError, safe_open
+
+    from .convert_original_checkpoint import refused_pickle_global
+
+    files, pickled = _weight_files(Path(model_dir).expanduser())
+    shapes = {}
+    for path in files:
+        if pickled:
+            try:
+                state = torch.load(path, map_location="meta", weights_only=True)
+            except Exception as error:  # zip, EOF and unpickler errors: damaged, no checkpoint, or refused
+                if refused_pickle_global(error) is not None:
+                    raise CheckpointLoadError(
+                        f"{path} is a pickle that asks for `{refused_pickle_global(error)}`, which could run code when "
+                        "loaded, so it is refused. Use model.safetensors weights from a source you trust."
+                    ) from None
+                raise CheckpointLoadError(
+                    f"{path} is not a readable PyTorch checkpoint: {_first_line(error)}"
+                ) from None
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise CheckpointLoadError(f"{path} does not hold a state dict of tensors.")
+            shapes.update({key: tuple(value.shape) for key, value in state.items()})
+            continue
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for key in handle.keys():
+                    shapes[key] = tuple(handle.get_slice(key).get_shape())
+        except (SafetensorError, OSError, ValueError) as error:
+            raise CheckpointLoadError(
+                f"{path} is not a readable safetensors file: it is truncated or corrupt ({_first_line(error)})."
+            ) from None
+    return shapes
+
+
+def check_weights_fit(model_dir, config, model_class):
+    """Raise a [`CheckpointLoadError`] listing the tensors of `model_dir` whose shapes differ from what `config`
+    builds, before `from_pretrained` would reinitialise or reject them with a long report."""
+    shapes = checkpoint_shapes(model_dir)
+    with torch.device("meta"):
+        expected = {key: tuple(value.shape) for key, value in model_class(config).state_dict().items()}
+    prefix = getattr(model_class, "base_model_prefix", "cav_mae")
+    matched, mismatched = 0, []
+    for key, shape in shapes.items():
+        for candidate in (key, f"{prefix}.{key}", key.removeprefix(f"{prefix}.")):
+            if candidate in expected:
+                matched += 1
+                if expected[candidate] != shape:
+                    mismatched.append(f"{key}: file {shape} vs config {expected[candidate]}")
+                break
+    if mismatched:
+        raise CheckpointLoadError(
+            f"The weights of {model_dir} do not fit its config.json: {len(mismatched)} tensor(s) differ, e.g. "
+            f"{'; '.join(mismatched[:3])}. The config or the weights were changed, or come from different models."
+        )
+    if shapes and not matched:
+        raise CheckpointLoadError(f"None of the {len(shapes)} tensors of {model_dir} belong to a CAV-MAE model.")
+
+
+def saved_class(config):
+    """The CAV-MAE class a directory was saved as (`config.architectures`), `CavMaeModel` if it names none."""
+    from .modeling_cav_mae import CavMaeForAudioVisualClassification, CavMaeForPreTraining, CavMaeModel
+
+    classes = {cls.__name__: cls for cls in (CavMaeModel, CavMaeForPreTraining, CavMaeForAudioVisualClassification)}
+    return next((classes[name] for name in (config.architectures or []) if name in classes), CavMaeModel)
+
+
+def load_model(model_dir, model_class=None, dtype=None):
+    """
+    `model_class.from_pretrained(model_dir)` (default: the class it was saved as) for a local directory, after
+    checking it: a CAV-MAE `config.json`, readable weights whose shapes fit it, no pickle that needs code (weights
+    are read with `weights_only=True`). Failures raise [`CheckpointLoadError`] with one clear sentence.
+    """
+    model_dir = Path(model_dir).expanduser()
+    config = read_config(model_dir)
+    model_class = model_class or saved_class(config)
+    check_weights_fit(model_dir, config, model_class)
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    return model_class.from_pretrained(model_dir, config=config, weights_only=True, **kwargs)
 
 
 def load_model_as_saved(model_dir, dtype=None):
     """The CAV-MAE model of `model_dir` as the class it was saved as (`config.architectures`), so that no weight is
     left unused; a feature-extraction pipeline then uses its `cav_mae` encoder."""
-    from transformers import AutoConfig
-
-    from .modeling_cav_mae import CavMaeForAudioVisualClassification, CavMaeForPreTraining, CavMaeModel
-
-    classes = {cls.__name__: cls for cls in (CavMaeModel, CavMaeForPreTraining, CavMaeForAudioVisualClassification)}
-    config = AutoConfig.from_pretrained(model_dir)
-    saved_as = next((classes[name] for name in (config.architectures or []) if name in classes), CavMaeModel)
-    kwargs = {} if dtype is None else {"dtype": dtype}
-    return saved_as.from_pretrained(model_dir, config=config, **kwargs)
+    return load_model(model_dir, None, dtype=dtype)
 
 
 def cav_mae_pipeline(task: str, model, device=None, dtype=None) -> Pipeline:
     """
-    `transformers.pipeline(task, model=model)` for a CAV-MAE model directory, Hub id or loaded model; for a local
-    directory and the feature-extraction task, the checkpoint is loaded as the class it was saved as (no "unused
-    weights" report for classification or pretraining checkpoints) with the directory's feature extractor.
+    `transformers.pipeline(task, model=model)` for a CAV-MAE model directory, Hub id or loaded model. A local
+    directory is checked and loaded here (see [`load_model`]) with its own feature extractor: the classification
+    task loads `CavMaeForAudioVisualClassification`, the feature-extraction task the class it was saved as (no
+    "unused weights" report for classification or pretraining checkpoints).
     """
     from transformers import pipeline
 
+    from .modeling_cav_mae import CavMaeForAudioVisualClassification
+
     kwargs = {} if device is None else {"device": device}
-    if isinstance(model, (str, os.PathLike)) and task == FEATURE_EXTRACTION_TASK and Path(model).is_dir():
-        loaded = load_model_as_saved(model, dtype=dtype)
-        return pipeline(task, model=loaded, feature_extractor=load_feature_extractor(model, loaded.config), **kwargs)
+    if isinstance(model, (str, os.PathLike)) and Path(model).expanduser().is_dir():
+        model_class = CavMaeForAudioVisualClassification if task == CLASSIFICATION_TASK else None
+        loaded = load_model(model, model_class, dtype=dtype)
+        extractor = load_feature_extractor(Path(model).expanduser(), loaded.config)
+        return pipeline(task, model=loaded, feature_extractor=extractor, **kwargs)
     if dtype is not None:
         kwargs["dtype"] = dtype
     return pipeline(task, model=str(model) if isinstance(model, os.PathLike) else model, **kwargs)
@@ -258,7 +543,13 @@ class _CavMaePipeline(Pipeline):
             raise ValueError(f"The {self.task!r} pipeline needs a CAV-MAE model, got {type(self.model).__name__}.")
         self.model.eval()
         if self.feature_extractor is None:
-            self.feature_extractor = feature_extractor_for(self.model.config)
+            # transformers leaves it None when the directory's preprocessor_config.json failed to load: that file is
+            # read again here so that a damaged one is an error, not a silent fall-back to default preprocessing.
+            saved = Path(str(getattr(self.model, "name_or_path", "") or "")).expanduser()
+            if saved.is_dir():
+                self.feature_extractor = load_feature_extractor(saved, self.model.config)
+            else:
+                self.feature_extractor = feature_extractor_for(self.model.config)
         self._check_feature_extractor()
 
     def _check_feature_extractor(self):
@@ -274,10 +565,26 @@ class _CavMaePipeline(Pipeline):
         if mismatched:
             details = ", ".join(f"{k}={got} (model: {want})" for k, (got, want) in mismatched.items())
             raise ValueError(f"The feature extractor does not fit the model: {details}.")
+        rate = getattr(extractor, "sampling_rate", None)
+        if not isinstance(rate, int) or isinstance(rate, bool) or rate <= 0:
+            raise ValueError(f"The feature extractor's sampling_rate must be a positive integer, got {rate!r}.")
+
+    def __call__(self, inputs, *args, **kwargs):
+        if isinstance(inputs, tuple):
+            inputs = list(inputs)  # several inputs, as a list (transformers would take a tuple for one input)
+        if isinstance(inputs, list) and not inputs:
+            self._sanitize_parameters(**{k: v for k, v in kwargs.items() if k not in ("batch_size", "num_workers")})
+            return []  # bad arguments are still reported above
+        return super().__call__(inputs, *args, **kwargs)
 
     # Steps ------------------------------------------------------------------------------------------------------
     def preprocess(self, inputs, num_frames: int = DEFAULT_NUM_FRAMES) -> dict[str, torch.Tensor]:
-        clip = load_clip(inputs, num_frames=num_frames, sampling_rate=self.feature_extractor.sampling_rate)
+        clip = load_clip(
+            inputs,
+            num_frames=num_frames,
+            sampling_rate=self.feature_extractor.sampling_rate,
+            audio_seconds=audio_seconds_for(self.feature_extractor),
+        )
         return clip_features(self.feature_extractor, clip)
 
     def _forward(self, model_inputs, **forward_params):
@@ -286,6 +593,7 @@ class _CavMaePipeline(Pipeline):
         clips = [None] * sum(len(positions) for positions, _ in groups)
         for positions, inputs in groups:
             outputs = self.run_model(self._cast(inputs), **forward_params)
+            self._check_finite(outputs)
             for row, position in enumerate(positions):
                 clips[position] = {name: value[row] for name, value in outputs.items()}
         return {"clips": clips}
@@ -293,6 +601,16 @@ class _CavMaePipeline(Pipeline):
     def run_model(self, inputs: dict[str, torch.Tensor], **forward_params) -> dict[str, torch.Tensor]:
         """Batched model outputs `{name: [b, ...]}` for inputs of one group."""
         raise NotImplementedError
+
+    def _check_finite(self, outputs: dict[str, torch.Tensor]):
+        """The inputs were finite (the feature extractor and the model check them): NaN / Inf outputs come from the
+        weights (a damaged checkpoint) or from overflow in a low-precision dtype."""
+        bad = [name for name, value in outputs.items() if not bool(torch.isfinite(value).all())]
+        if bad:
+            raise CheckpointLoadError(
+                f"The model produced NaN or Inf ({', '.join(bad)}) from finite inputs: its weights hold NaN / Inf, or "
+                f"{self.model.dtype} overflowed (try dtype=torch.float32)."
+            )
 
     @staticmethod
     def _single_clip(model_outputs) -> dict:
@@ -329,8 +647,8 @@ class _CavMaePipeline(Pipeline):
     def _num_frames_param(num_frames) -> dict:
         if num_frames is None:
             return {}
-        if int(num_frames) < 1:
-            raise ValueError(f"num_frames must be at least 1, got {num_frames}.")
+        if not isinstance(num_frames, numbers.Integral) or isinstance(num_frames, bool) or num_frames < 1:
+            raise ValueError(f"num_frames must be a whole number of at least 1, got {num_frames!r}.")
         return {"num_frames": int(num_frames)}
 
 
@@ -371,9 +689,9 @@ class AudioVisualClassificationPipeline(_CavMaePipeline):
         if "top_k" in kwargs:
             top_k = kwargs.pop("top_k")
             num_labels = self.model.config.num_labels
+            if top_k is not None and (not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or top_k < 1):
+                raise ValueError(f"top_k must be a whole number of at least 1 (or None for all labels), got {top_k!r}.")
             postprocess_params["top_k"] = num_labels if top_k is None else min(int(top_k), num_labels)
-            if postprocess_params["top_k"] < 1:
-                raise ValueError(f"top_k must be at least 1, got {top_k}.")
         if function_to_apply is not None:
             if function_to_apply not in ("softmax", "sigmoid", "none"):
                 raise ValueError(

@@ -36,7 +36,7 @@ from .modeling_cav_mae import (
     structured_audio_noise,
     unpatchify,
 )
-from .pipelines import DEFAULT_NUM_FRAMES, clip_features, feature_extractor_for, load_clip
+from .pipelines import DEFAULT_NUM_FRAMES, audio_seconds_for, clip_features, feature_extractor_for, load_clip
 
 logger = logging.get_logger(__name__)
 
@@ -241,7 +241,12 @@ def reconstruct_clip(
     reference's inpainting used frame 5 of 10). `kwargs` go to [`reconstruct`].
     """
     feature_extractor = feature_extractor or feature_extractor_for(model.config)
-    clip = load_clip(source, num_frames=num_frames, sampling_rate=feature_extractor.sampling_rate)
+    clip = load_clip(
+        source,
+        num_frames=num_frames,
+        sampling_rate=feature_extractor.sampling_rate,
+        audio_seconds=audio_seconds_for(feature_extractor),
+    )
     if clip.audio is None or not clip.frames:
         raise CavMaeInputError(
             f"Reconstruction needs audio and frames; {clip.source or 'the input'} has only "

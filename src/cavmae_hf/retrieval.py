@@ -21,6 +21,7 @@ an audio file (or a video's audio) against the gallery's visual embeddings, an i
 """
 
 import json
+import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,12 +40,28 @@ from .pipelines import (
 
 INDEX_FORMAT = "cavmae-retrieval-index"
 INDEX_VERSION = "1"
+INDEX_SUFFIX = ".safetensors"
 MODALITIES = (AUDIO, VISUAL)
 EMBEDDING_KEYS = {AUDIO: "audio_embeds", VISUAL: "visual_embeds"}
 
 
 class RetrievalError(ValueError):
     """A retrieval index or query cannot be used as asked; the message says why."""
+
+
+def check_index_path(path) -> Path:
+    """Where an index may be written: a `.safetensors` file name (an index is never a pickle, and a `.bin` / `.pt`
+    name would invite `torch.load`) in an existing directory, not a directory itself."""
+    path = Path(path)
+    if path.is_dir():
+        raise RetrievalError(f"{path} is a directory; give the index a file name ending in {INDEX_SUFFIX}.")
+    if path.suffix.lower() != INDEX_SUFFIX:
+        raise RetrievalError(
+            f"An index is a safetensors file: name it *{INDEX_SUFFIX}, not {path.name!r}."
+        )
+    if not path.parent.is_dir():
+        raise RetrievalError(f"Cannot write {path}: the directory {path.parent} does not exist.")
+    return path
 
 
 @dataclass(frozen=True)
@@ -82,16 +99,28 @@ class RetrievalIndex:
         for modality, matrix in embeddings.items():
             if modality not in MODALITIES:
                 raise RetrievalError(f"Unknown modality {modality!r}; use one of {MODALITIES}.")
+            if not isinstance(matrix, torch.Tensor) or not matrix.is_floating_point():
+                kind = matrix.dtype if isinstance(matrix, torch.Tensor) else type(matrix).__name__
+                raise RetrievalError(f"{modality} embeddings must be a float tensor, got {kind}.")
             if matrix.dim() != 2 or matrix.shape[0] != len(self.keys):
                 raise RetrievalError(
                     f"{modality} embeddings must be [{len(self.keys)}, D] (one row per key), got {tuple(matrix.shape)}."
                 )
+            if not bool(torch.isfinite(matrix).all()):
+                raise RetrievalError(f"{modality} embeddings contain NaN or Inf values.")
             mask = (present or {}).get(modality)
             mask = torch.ones(len(self.keys), dtype=torch.bool) if mask is None else mask.to(torch.bool).cpu()
+            if mask.shape != (len(self.keys),):
+                raise RetrievalError(
+                    f"{modality} presence flags must be [{len(self.keys)}] (one per key), got {tuple(mask.shape)}."
+                )
             self.embeddings[modality] = (
                 torch.nn.functional.normalize(matrix.detach().float().cpu(), dim=-1) * mask[:, None]
             )
             self.present[modality] = mask
+        dims = {modality: matrix.shape[1] for modality, matrix in self.embeddings.items()}
+        if len(set(dims.values())) > 1:
+            raise RetrievalError(f"Audio and visual embeddings have different sizes: {dims}.")
         self.metadata = dict(metadata or {})
 
     def __len__(self) -> int:
@@ -129,14 +158,14 @@ class RetrievalIndex:
 
     # Persistence ------------------------------------------------------------------------------------------------
     def save(self, path) -> Path:
-        """Write the index as one safetensors file (keys and metadata in its header)."""
+        """Write the index as one safetensors file named `*.safetensors` (keys and metadata in its header)."""
+        path = check_index_path(path)
         tensors = {}
         for modality, matrix in self.embeddings.items():
             tensors[f"{modality}_embeds"] = matrix.contiguous()
             tensors[f"{modality}_present"] = self.present[modality].to(torch.uint8).contiguous()
         header = {**self.metadata, "format": INDEX_FORMAT, "version": INDEX_VERSION, "keys": json.dumps(self.keys)}
-        path = Path(path)
-        save_file(tensors, str(path), metadata=header)
+        save_file(tensors, str(path), metadata={str(k): str(v) for k, v in header.items()})
         return path
 
     @classmethod
@@ -152,20 +181,40 @@ class RetrievalIndex:
             raise RetrievalError(f"{path} is not a safetensors file ({error}).") from None
         if header.get("format") != INDEX_FORMAT:
             raise RetrievalError(f"{path} is not a CAV-MAE retrieval index (written by `cavmae embed`).")
-        keys = json.loads(header.pop("keys"))
+        if header.get("version") != INDEX_VERSION:
+            raise RetrievalError(
+                f"{path} is a version {header.get('version')!r} index; this version of cavmae_hf reads version "
+                f"{INDEX_VERSION}. Rebuild it with `cavmae embed`."
+            )
+        try:
+            keys = json.loads(header.pop("keys"))
+        except (KeyError, json.JSONDecodeError):
+            keys = None
+        if not isinstance(keys, list) or not all(isinstance(key, str) for key in keys):
+            raise RetrievalError(f"{path} is a damaged index: its header has no valid list of clip keys.")
         embeddings = {m: tensors[f"{m}_embeds"] for m in MODALITIES if f"{m}_embeds" in tensors}
+        if not embeddings:
+            raise RetrievalError(f"{path} is a damaged index: it holds no audio_embeds or visual_embeds.")
         present = {m: tensors[f"{m}_present"].bool() for m in MODALITIES if f"{m}_present" in tensors}
         metadata = {k: v for k, v in header.items() if k not in ("format", "version")}
-        return cls(keys, embeddings, present, metadata)
+        try:
+            return cls(keys, embeddings, present, metadata)
+        except RetrievalError as error:
+            raise RetrievalError(f"{path} is a damaged index: {error}") from None
 
     # Search -----------------------------------------------------------------------------------------------------
     def scores(self, queries: torch.Tensor, modality: str) -> torch.Tensor:
         """Cosine similarities `[Q, N]` of queries `[Q, D]` with the gallery's `modality` embeddings (-inf where
         a clip lacks that modality)."""
         gallery = self._gallery(modality)
-        queries = torch.nn.functional.normalize(queries.detach().float().cpu(), dim=-1)
+        if not isinstance(queries, torch.Tensor) or queries.dim() != 2 or not queries.is_floating_point():
+            shape = tuple(queries.shape) if isinstance(queries, torch.Tensor) else type(queries).__name__
+            raise RetrievalError(f"Queries must be a float tensor [Q, D] (or [D]), got {shape}.")
         if queries.shape[-1] != gallery.shape[1]:
             raise RetrievalError(f"Queries have dimension {queries.shape[-1]}, the index {gallery.shape[1]}.")
+        if not bool(torch.isfinite(queries).all()):
+            raise RetrievalError("Queries contain NaN or Inf values.")
+        queries = torch.nn.functional.normalize(queries.detach().float().cpu(), dim=-1)
         return (queries @ gallery.T).masked_fill(~self.present[modality], float("-inf"))
 
     def search(
@@ -181,11 +230,11 @@ class RetrievalIndex:
         Returns:
             One list of [`RetrievalHit`] per query, best first.
         """
-        if queries.dim() == 1:
+        if isinstance(queries, torch.Tensor) and queries.dim() == 1:
             queries = queries.unsqueeze(0)
+        if not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or top_k < 1:
+            raise RetrievalError(f"top_k must be a whole number of at least 1, got {top_k!r}.")
         top_k = min(int(top_k), int(self.present[self._check_modality(modality)].sum()))
-        if top_k < 1:
-            raise RetrievalError("top_k must be at least 1 and the index must have that modality.")
         results = []
         for start in range(0, queries.shape[0], chunk_size):
             best_scores, best_ids = self.scores(queries[start : start + chunk_size], modality).topk(top_k, dim=-1)

@@ -1,0 +1,178 @@
+#!/usr/bin/env python
+"""
+Fine-tune a pretrained CAV-MAE for audio-visual classification with the Hugging Face `Trainer`, as the reference's
+`run_cavmae_ft.py`: a new LayerNorm + Linear head with a larger learning rate (`--head_lr`), SpecAugment, mixup,
+noise, label smoothing, the step schedule, weight averaging of the last epochs, and 10-frame evaluation.
+
+Data: a folder of videos in class sub-folders, a CSV (`video,labels`), or the reference's data JSON with its label
+CSV. Single-label data (one class per clip, e.g. VGGSound) is trained with cross-entropy and scored by accuracy;
+multi-label data (AudioSet) with binary cross-entropy and scored by mAP and mAUC (`--problem_type` overrides).
+
+The reference's recipes (one GPU or many: prefix `torchrun --nproc_per_node N`, and divide the batch size by N):
+
+    # AudioSet-20K (run_cavmae_ft_bal.sh): mAP 42.2 in the paper
+    python examples/finetune.py --model_name_or_path cav-mae-scale++ \
+        --train_data audioset_20k.json --eval_data audioset_eval.json --label_csv class_labels_indices.csv \
+        --output_dir runs/as20k --problem_type multi_label_classification \
+        --per_device_train_batch_size 36 --learning_rate 5e-5 --head_lr 100 --num_train_epochs 15 \
+        --lr_decay_start 5 --lr_decay_every 1 --lr_decay 0.5 --weight_averaging --wa_start 3 --wa_end 15 \
+        --freqm 48 --timem 192 --mixup 0.5 --label_smoothing 0.1 --noise true \
+        --save_strategy epoch --eval_strategy epoch --bf16 --dataloader_num_workers 16
+
+    # AudioSet-2M (run_cavmae_ft_full.sh): as above with --train_data audioset_2m.json --balanced_sampling
+    #   --per_device_train_batch_size 48 --learning_rate 1e-5 --head_lr 50 --num_train_epochs 10
+    #   --lr_decay_start 2 --wa_start 1 --wa_end 10
+    # VGGSound (egs/vggsound/run_cavmae_ft.sh): --problem_type single_label_classification --balanced_sampling
+    #   --per_device_train_batch_size 48 --learning_rate 1e-4 --head_lr 10 --num_train_epochs 10
+    #   --lr_decay_start 2 --wa_start 3 --wa_end 10
+    # audio-only / visual-only: --classification_mode audio | visual (audio-only: --eval_frames middle)
+    # linear probing: --freeze_base
+
+`--eval_frames all` (default) evaluates every clip on its 10 frames and averages the per-frame probabilities,
+the reference's final multi-frame evaluation; `middle` uses frame 5 of 10.
+"""
+
+import logging
+import sys
+from dataclasses import dataclass, field
+
+import transformers
+from transformers import HfArgumentParser, set_seed
+
+from cavmae_hf import CavMaeConfig, CavMaeForAudioVisualClassification
+from cavmae_hf.data import finetuning_transforms, label_set_of, labels_for_classification, with_transform
+from cavmae_hf.metrics import classification_metrics
+from cavmae_hf.training import (
+    CavMaeTrainer,
+    CavMaeTrainingArguments,
+    DataArguments,
+    data_config_consistent,
+    feature_extractor_from_data_args,
+    load_train_and_eval_datasets,
+    parse_config_overrides,
+    resolve_checkpoint,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuningModelArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "The pretrained CAV-MAE directory; None trains from scratch (not advised)."}
+    )
+    classification_mode: str = field(
+        default="multimodal",
+        metadata={"help": "What the head classifies (reference ftmode).", "choices": ["multimodal", "audio", "visual"]},
+    )
+    problem_type: str | None = field(
+        default=None,
+        metadata={
+            "help": "Loss and metrics; default: multi-label if any training clip has several labels.",
+            "choices": ["single_label_classification", "multi_label_classification"],
+        },
+    )
+    trainable_position_embeddings: bool = field(
+        default=True, metadata={"help": "Train the position embeddings (the reference's fine-tuning does)."}
+    )
+    config_overrides: str | None = field(default=None, metadata={"help": "Other config fields, name=value,..."})
+
+
+@dataclass
+class FinetuningDataArguments(DataArguments):
+    freqm: int = field(default=48, metadata={"help": "SpecAugment: widest frequency mask (mel bins)."})
+    timem: int = field(default=192, metadata={"help": "SpecAugment: widest time mask (frames of 10 ms)."})
+    mixup: float = field(default=0.5, metadata={"help": "Share of training clips mixed with another clip."})
+    label_smoothing: float = field(default=0.1, metadata={"help": "Label smoothing."})
+    eval_frames: str = field(
+        default="all", metadata={"help": "Evaluation frames: 'all' (10-frame evaluation), 'middle' or an index."}
+    )
+
+
+def infer_problem_type(train_dataset) -> str:
+    label_lists = train_dataset.with_format(None)["labels"]
+    if any(len(labels) > 1 for labels in label_lists):
+        return "multi_label_classification"
+    return "single_label_classification"
+
+
+def build_model(model_args, data_args, label_set, problem_type) -> CavMaeForAudioVisualClassification:
+    fields = {
+        **labels_for_classification(label_set),
+        "problem_type": problem_type,
+        "classification_mode": model_args.classification_mode,
+        "trainable_position_embeddings": model_args.trainable_position_embeddings,
+        **parse_config_overrides(model_args.config_overrides),
+    }
+    if model_args.model_name_or_path:
+        return CavMaeForAudioVisualClassification.from_pretrained(model_args.model_name_or_path, **fields)
+    logger.warning("No --model_name_or_path: fine-tuning a randomly initialised CAV-MAE.")
+    sizes = {"audio_length": data_args.audio_length, "num_mel_bins": data_args.num_mel_bins}
+    config = CavMaeConfig(**sizes, image_size=data_args.image_size, **fields)
+    return CavMaeForAudioVisualClassification(config)
+
+
+def main(argv=None):
+    parser = HfArgumentParser((FinetuningModelArguments, FinetuningDataArguments, CavMaeTrainingArguments))
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        model_args, data_args, training_args = parser.parse_json_file(argv[0])
+    else:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    set_seed(training_args.seed)
+    if data_args.streaming and training_args.balanced_sampling:
+        raise ValueError("--balanced_sampling needs random access: it cannot be combined with --streaming.")
+
+    streaming, data_args.streaming = data_args.streaming, False  # labels are read before the set is made iterable
+    train, evaluation = load_train_and_eval_datasets(data_args, training_args)
+    label_set = label_set_of(train)
+    if label_set is None:
+        raise ValueError(f"{data_args.train_data} has no labels: use class folders, a labels column or --label_csv.")
+    problem_type = model_args.problem_type or infer_problem_type(train)
+    logger.info(f"{len(label_set)} classes, {problem_type}.")
+
+    model = build_model(model_args, data_args, label_set, problem_type)
+    data_config_consistent(model.config, data_args.audio_length, data_args.num_mel_bins, data_args.image_size)
+    feature_extractor = feature_extractor_from_data_args(data_args)
+    eval_frames = int(data_args.eval_frames) if data_args.eval_frames.isdigit() else data_args.eval_frames
+    train_transform, eval_transform = finetuning_transforms(
+        feature_extractor,
+        num_labels=len(label_set),
+        freqm=data_args.freqm,
+        timem=data_args.timem,
+        mixup=data_args.mixup,
+        noise=data_args.noise,
+        label_smoothing=data_args.label_smoothing,
+        num_frames=data_args.num_frames,
+        eval_frames=eval_frames,
+    )
+    if streaming:
+        train = train.to_iterable_dataset(num_shards=max(1, training_args.dataloader_num_workers))
+    if training_args.weight_averaging and training_args.load_best_model_at_end:
+        raise ValueError("Choose --weight_averaging or --load_best_model_at_end: both set the final weights.")
+
+    trainer = CavMaeTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=with_transform(train, train_transform, training_args.per_device_train_batch_size),
+        eval_dataset=evaluation.with_transform(eval_transform) if evaluation is not None else None,
+        compute_metrics=classification_metrics(problem_type),
+    )
+    result = trainer.train(resume_from_checkpoint=resolve_checkpoint(training_args))
+    trainer.save_model()  # the weight average, with --weight_averaging
+    if trainer.is_world_process_zero():
+        feature_extractor.save_pretrained(training_args.output_dir)
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+    if evaluation is not None:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,730 @@
+"""
+Datasets, on-the-fly preprocessing, augmentation and batching for training CAV-MAE with the `Trainer`.
+
+Every builder returns a `datasets.Dataset` of clip *references* with one schema, so that the same transform serves
+all layouts and nothing is decoded until a batch is drawn:
+
+| column    | type                                  | meaning                                                       |
+| --------- | ------------------------------------- | ------------------------------------------------------------- |
+| `clip_id` | string                                | the clip's name (the reference's `video_id`)                  |
+| `video`   | string or None                        | a video file: its audio track and its frames                  |
+| `audio`   | `{"bytes", "path"}` or None           | an audio file or encoded audio (WAV, FLAC, ...), if separate  |
+| `frames`  | list of `Image(decode=False)`         | pre-extracted frames (paths or encoded bytes), in time order  |
+| `labels`  | list of `ClassLabel` (or int32)       | class indices; empty for unlabelled clips                     |
+
+Layouts: [`dataset_from_folder`] (videos in class sub-folders, or a flat folder), [`dataset_from_csv`] (a CSV of
+video paths and labels) and [`dataset_from_reference_json`] (the CAV-MAE reference's data files: a JSON list of
+`wav`, `video_id`, `video_path`, `labels` with frames at `video_path/frame_{i}/video_id.jpg`, and a label CSV
+`index,mid,display_name`). [`decode_clips`] turns video rows into encoded audio and frames once, so later epochs
+skip the video decoder.
+
+[`AudioVisualTransform`] is what `Dataset.with_transform` / `set_transform` (or `IterableDataset.map` for
+streaming) runs on each batch: decoding (PyAV and soundfile, no torchcodec), the Kaldi fbank and frame
+preprocessing of [`CavMaeFeatureExtractor`], and the reference's training-time augmentation: a random frame of
+10 (the middle one at evaluation, or all of them for multi-frame evaluation), SpecAugment frequency/time masking
+(`freqm`, `timem`), mixup of waveforms, frames and labels (lambda ~ Beta(10, 10)), the noise + time-roll
+augmentation, and label smoothing. [`AudioVisualDataCollator`] stacks the results.
+"""
+
+import csv
+import io
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+
+from . import media
+from .feature_extraction_cav_mae import CavMaeFeatureExtractor
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_NUM_FRAMES = 10
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg")
+MIXUP_ALPHA = 10.0
+# The reference's stand-ins for clips that fail to load: fbank 0.01 (before normalisation) and images 0.01.
+FAILED_LOAD_VALUE = 0.01
+
+
+class CavMaeDataError(ValueError):
+    """A data file or layout cannot be read as a CAV-MAE dataset; the message says which and why."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Labels
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class LabelSet:
+    """Class names in index order, with the reference's machine ids (`mid`, e.g. `/m/09x0r`) when known."""
+
+    names: list[str]
+    mids: list[str] | None = None
+
+    def __post_init__(self):
+        self._lookup = {name: index for index, name in enumerate(self.names)}
+        self._lookup.update({mid: index for index, mid in enumerate(self.mids or [])})
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return dict(enumerate(self.names))
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {name: index for index, name in enumerate(self.names)}
+
+    def index_of(self, token: str) -> int:
+        """Index of a class given by its mid, its display name or its index as text."""
+        token = token.strip()
+        if token in self._lookup:
+            return self._lookup[token]
+        if token.isdigit() and int(token) < len(self.names):
+            return int(token)
+        raise CavMaeDataError(f"Unknown label {token!r}: not a mid, name or index of the {len(self.names)} classes.")
+
+    def feature(self) -> datasets.List:
+        return datasets.List(datasets.ClassLabel(names=list(self.names)))
+
+
+def read_label_csv(path) -> LabelSet:
+    """Read the reference's label file, a CSV with columns `index,mid,display_name` (rows in any order)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CavMaeDataError(f"Label CSV not found: {path}")
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    missing = {"index", "mid", "display_name"} - set(rows[0] if rows else {})
+    if missing:
+        raise CavMaeDataError(f"{path} must have the columns index,mid,display_name; missing {sorted(missing)}.")
+    rows.sort(key=lambda row: int(row["index"]))
+    if [int(row["index"]) for row in rows] != list(range(len(rows))):
+        raise CavMaeDataError(f"{path}: the indices must be 0..{len(rows) - 1}, each once.")
+    return LabelSet(names=[row["display_name"] for row in rows], mids=[row["mid"] for row in rows])
+
+
+def labels_for_classification(label_set: LabelSet) -> dict:
+    """The config fields a classifier needs for `label_set`: `num_labels`, `id2label`, `label2id`."""
+    return {"num_labels": len(label_set), "id2label": label_set.id2label, "label2id": label_set.label2id}
+
+
+def label_set_of(dataset) -> LabelSet | None:
+    """The [`LabelSet`] stored in a dataset's `labels` feature (None for unlabelled datasets)."""
+    feature = (dataset.features or {}).get("labels")
+    inner = getattr(feature, "feature", None)
+    if isinstance(inner, datasets.ClassLabel):
+        return LabelSet(names=list(inner.names))
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dataset builders
+# ----------------------------------------------------------------------------------------------------------------
+def clip_dataset_features(label_set: LabelSet | None) -> datasets.Features:
+    """The schema every builder produces (see the module docstring)."""
+    return datasets.Features(
+        {
+            "clip_id": datasets.Value("string"),
+            "video": datasets.Value("string"),
+            "audio": {"bytes": datasets.Value("binary"), "path": datasets.Value("string")},
+            "frames": datasets.List(datasets.Image(decode=False)),
+            "labels": label_set.feature() if label_set is not None else datasets.List(datasets.Value("int32")),
+        }
+    )
+
+
+def _video_rows(videos: Sequence[tuple[Path, list[int]]]) -> dict[str, list]:
+    return {
+        "clip_id": [path.stem for path, _ in videos],
+        "video": [str(path) for path, _ in videos],
+        "audio": [None] * len(videos),
+        "frames": [[] for _ in videos],
+        "labels": [labels for _, labels in videos],
+    }
+
+
+def dataset_from_folder(root, label_set: LabelSet | None = None, extensions=VIDEO_EXTENSIONS) -> datasets.Dataset:
+    """
+    A dataset of the video files under `root`.
+
+    - `root/<class>/<clip>.mp4`: one class per sub-folder (the `ImageFolder` convention). Classes are the sorted
+      sub-folder names unless `label_set` gives them (then a folder may be named by a class's name or mid).
+    - `root/<clip>.mp4`: no sub-folders, unlabelled clips (for pretraining).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise CavMaeDataError(f"Video folder not found: {root}")
+    extensions = tuple(extension.lower() for extension in extensions)
+    class_dirs = sorted(path for path in root.iterdir() if path.is_dir() and not path.name.startswith("."))
+    if not class_dirs:
+        videos = [(path, []) for path in sorted(root.iterdir()) if path.suffix.lower() in extensions]
+        if not videos:
+            raise CavMaeDataError(f"No video files ({', '.join(extensions)}) in {root}.")
+        return datasets.Dataset.from_dict(_video_rows(videos), features=clip_dataset_features(label_set))
+    label_set = label_set or LabelSet(names=[path.name for path in class_dirs])
+    videos = []
+    for class_dir in class_dirs:
+        label = label_set.index_of(class_dir.name)
+        files = sorted(path for path in class_dir.rglob("*") if path.suffix.lower() in extensions)
+        videos.extend((path, [label]) for path in files)
+    if not videos:
+        raise CavMaeDataError(f"No video files ({', '.join(extensions)}) in the class folders of {root}.")
+    return datasets.Dataset.from_dict(_video_rows(videos), features=clip_dataset_features(label_set))
+
+
+def dataset_from_csv(
+    csv_path,
+    label_set: LabelSet | None = None,
+    video_column: str = "video",
+    label_column: str | None = "labels",
+    label_separator: str = ",",
+) -> datasets.Dataset:
+    """
+    A dataset from a CSV with a column of video paths (absolute, or relative to the CSV's folder) and, optionally,
+    a column of labels: class names, mids or indices, several separated by `label_separator` (quote the field).
+    Without `label_set` the classes are the sorted distinct labels of the file. A `label` column is used when
+    `labels` is absent.
+    """
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise CavMaeDataError(f"CSV not found: {csv_path}")
+    with open(csv_path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or video_column not in rows[0]:
+        raise CavMaeDataError(f"{csv_path} needs a header with a {video_column!r} column.")
+    if label_column is not None and label_column not in rows[0] and "label" in rows[0]:
+        label_column = "label"
+    has_labels = label_column is not None and label_column in rows[0]
+    tokens = [
+        [token.strip() for token in row[label_column].split(label_separator) if token.strip()] if has_labels else []
+        for row in rows
+    ]
+    if has_labels and label_set is None:
+        label_set = LabelSet(names=sorted({token for row_tokens in tokens for token in row_tokens}))
+    videos = []
+    for row, row_tokens in zip(rows, tokens):
+        path = Path(row[video_column])
+        path = path if path.is_absolute() else csv_path.parent / path
+        videos.append((path, [label_set.index_of(token) for token in row_tokens]))
+    features = clip_dataset_features(label_set if has_labels else None)
+    return datasets.Dataset.from_dict(_video_rows(videos), features=features)
+
+
+def dataset_from_reference_json(
+    json_path, label_csv=None, num_frames: int = DEFAULT_NUM_FRAMES, frame_extension: str = "jpg"
+) -> datasets.Dataset:
+    """
+    A dataset from the CAV-MAE reference's data files: a JSON list (or `{"data": [...]}`) of
+    `{"video_id", "wav", "video_path", "labels"}` with `labels` a comma-separated string of mids, frames at
+    `video_path/frame_{i}/video_id.jpg` for i < `num_frames`, and `label_csv` (`index,mid,display_name`). Without
+    `label_csv` the classes are the sorted distinct mids. Relative paths are taken from the JSON's folder. Frame
+    files are looked up when a batch is drawn; a missing one is replaced by the nearest earlier frame, as in the
+    reference.
+    """
+    json_path = Path(json_path)
+    if not json_path.is_file():
+        raise CavMaeDataError(f"Data JSON not found: {json_path}")
+    with open(json_path, encoding="utf-8") as handle:
+        entries = json.load(handle)
+    entries = entries["data"] if isinstance(entries, dict) else entries
+    required = {"video_id", "wav", "video_path"}
+    for position, entry in enumerate(entries):
+        if not required <= set(entry):
+            raise CavMaeDataError(f"{json_path}: entry {position} lacks {sorted(required - set(entry))}.")
+    tokens = [[token for token in entry.get("labels", "").split(",") if token] for entry in entries]
+    label_set = read_label_csv(label_csv) if label_csv is not None else None
+    if label_set is None and any(tokens):
+        mids = sorted({token for row in tokens for token in row})
+        label_set = LabelSet(names=list(mids), mids=mids)
+
+    def resolve(path: str) -> str:
+        return str(Path(path) if Path(path).is_absolute() else json_path.parent / path)
+
+    def frame_paths(entry: dict) -> list[dict]:
+        folder, name = resolve(entry["video_path"]), f"{entry['video_id']}.{frame_extension}"
+        return [{"bytes": None, "path": os.path.join(folder, f"frame_{index}", name)} for index in range(num_frames)]
+
+    data = {
+        "clip_id": [entry["video_id"] for entry in entries],
+        "video": [None] * len(entries),
+        "audio": [{"bytes": None, "path": resolve(entry["wav"])} for entry in entries],
+        "frames": [frame_paths(entry) for entry in entries],
+        "labels": [[label_set.index_of(token) for token in row] for row in tokens],
+    }
+    return datasets.Dataset.from_dict(data, features=clip_dataset_features(label_set))
+
+
+def balanced_sample_weights(dataset) -> np.ndarray:
+    """
+    Per-clip sampling weights that up-sample rare classes, as the reference's `gen_weight_file.py`: a clip's weight
+    is the sum over its labels of `1000 / (clips with that label + 0.01)`. Use with
+    `CavMaeTrainingArguments(balanced_sampling=True)` (the reference's `--bal bal`).
+    """
+    label_lists = dataset.with_format(None)["labels"] if hasattr(dataset, "with_format") else dataset["labels"]
+    num_labels = 1 + max((label for labels in label_lists for label in labels), default=-1)
+    counts = np.zeros(num_labels)
+    for labels in label_lists:
+        np.add.at(counts, labels, 1)
+    class_weights = 1000.0 / (counts + 0.01)
+    return np.array([class_weights[labels].sum() for labels in label_lists], dtype=np.float64)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoding
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class DecodedClip:
+    """A clip's mono float32 waveform at `sampling_rate` and its chosen frames (RGB PIL images)."""
+
+    waveform: np.ndarray
+    frames: list
+
+
+def _read_encoded_audio(audio: dict, sampling_rate: int, max_seconds: float | None) -> np.ndarray:
+    if audio.get("bytes") is not None:
+        import soundfile
+
+        data, rate = soundfile.read(io.BytesIO(audio["bytes"]), dtype="float32", always_2d=True)
+        waveform = np.ascontiguousarray(data[:, 0])
+        if max_seconds is not None:
+            waveform = waveform[: int(np.ceil(max_seconds * rate))]
+        return media.resample(waveform, rate, sampling_rate)
+    waveform, _ = media.load_audio(audio["path"], sampling_rate=sampling_rate, max_seconds=max_seconds)
+    return waveform
+
+
+def _open_frame(frame: dict) -> Image.Image:
+    source = io.BytesIO(frame["bytes"]) if frame.get("bytes") is not None else frame["path"]
+    with Image.open(source) as image:
+        return image.convert("RGB")
+
+
+def _existing_frame_index(frames: list, index: int) -> int:
+    """`index`, or the nearest earlier frame that exists (the reference's fallback for missing frame files)."""
+    index = min(index, len(frames) - 1)
+    while index > 0 and frames[index].get("bytes") is None and not os.path.exists(frames[index]["path"]):
+        logger.warning("Frame %s does not exist; using the previous frame.", frames[index]["path"])
+        index -= 1
+    return index
+
+
+def decode_clip(
+    row: dict, frame_indices: Sequence[int], num_frames: int, sampling_rate: int, audio_seconds: float | None
+) -> DecodedClip:
+    """Decode one dataset row: the waveform and the frames at `frame_indices` (of `num_frames` sampled uniformly)."""
+    frames = row.get("frames") or []
+    audio = row.get("audio")
+    need_video_frames = not frames
+    need_video_audio = audio is None
+    clip = None
+    if need_video_frames or need_video_audio:
+        if not row.get("video"):
+            raise CavMaeDataError(f"Clip {row.get('clip_id')!r} has neither a video nor separate audio and frames.")
+        clip = media.load_video(
+            row["video"],
+            num_frames=num_frames,
+            sampling_rate=sampling_rate,
+            load_audio=need_video_audio,
+            load_frames=need_video_frames,
+            audio_seconds=audio_seconds,
+        )
+    waveform = clip.audio if need_video_audio else _read_encoded_audio(audio, sampling_rate, audio_seconds)
+    if need_video_frames:
+        images = [clip.frames[min(index, len(clip.frames) - 1)] for index in frame_indices]
+    else:
+        images = [_open_frame(frames[_existing_frame_index(frames, index)]) for index in frame_indices]
+    return DecodedClip(waveform=waveform, frames=images)
+
+
+def _encode_png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _encode_wav(waveform: np.ndarray, sampling_rate: int) -> bytes:
+    import soundfile
+
+    buffer = io.BytesIO()
+    soundfile.write(buffer, waveform, sampling_rate, format="WAV", subtype="FLOAT")
+    return buffer.getvalue()
+
+
+def _decode_rows_to_bytes(batch: dict, num_frames: int, sampling_rate: int, audio_seconds) -> dict:
+    audio, frames = [], []
+    for row in _rows(batch):
+        clip = decode_clip(row, range(num_frames), num_frames, sampling_rate, audio_seconds)
+        audio.append({"bytes": _encode_wav(clip.waveform, sampling_rate), "path": None})
+        frames.append([{"bytes": _encode_png(image), "path": None} for image in clip.frames])
+    return {"audio": audio, "frames": frames, "video": [None] * len(audio)}
+
+
+def decode_clips(
+    dataset: datasets.Dataset,
+    num_frames: int = DEFAULT_NUM_FRAMES,
+    sampling_rate: int = 16000,
+    audio_seconds: float | None = media.DEFAULT_AUDIO_SECONDS,
+    num_proc: int | None = None,
+    desc: str = "Decoding clips",
+) -> datasets.Dataset:
+    """
+    Decode every clip once into encoded audio (32-bit float WAV at `sampling_rate`) and `num_frames` PNG frames,
+    so that training epochs read small blobs instead of running the video decoder (the reference's
+    `extract_audio.py` / `extract_video_frame.py` step). The result has the same schema; `datasets` caches it.
+    """
+    return dataset.map(
+        _decode_rows_to_bytes,
+        batched=True,
+        batch_size=16,
+        num_proc=num_proc,
+        fn_kwargs={"num_frames": num_frames, "sampling_rate": sampling_rate, "audio_seconds": audio_seconds},
+        features=dataset.features,
+        desc=desc,
+    )
+
+
+def _rows(batch: dict) -> list[dict]:
+    """A batch of columns -> a list of rows."""
+    columns = list(batch)
+    size = len(batch[columns[0]]) if columns else 0
+    return [{column: batch[column][i] for column in columns} for i in range(size)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Augmentation
+# ----------------------------------------------------------------------------------------------------------------
+def _mask_along_axis(features: torch.Tensor, max_width: int, axis: int, fill_value: float) -> torch.Tensor:
+    """One band per sample along `axis` (1 = time, 2 = frequency) of `[B, T, F]`, drawn as torchaudio's
+    `FrequencyMasking`/`TimeMasking`: `w ~ U(0, max_width)`, `start ~ U(0, size - w)`, the band
+    `[int(start), int(start) + int(w))`."""
+    batch_size, size = features.shape[0], features.shape[axis]
+    width = torch.rand(batch_size) * max_width
+    start = torch.rand(batch_size) * (size - width)
+    first = start.long()
+    end = first + width.long()
+    positions = torch.arange(size)
+    band = (positions >= first[:, None]) & (positions < end[:, None])
+    band = band[:, :, None] if axis == 1 else band[:, None, :]
+    return features.masked_fill(band, fill_value)
+
+
+def spec_augment(features: torch.Tensor, freqm: int = 0, timem: int = 0, fill_value: float = 0.0) -> torch.Tensor:
+    """
+    SpecAugment as the reference: per clip one frequency band of up to `freqm` bins, then one time band of up to
+    `timem` frames, set to `fill_value`. The reference masks the fbank before normalisation with 0, which is
+    `(0 - audio_mean) / audio_std` in normalised features. `features`: `[B, T, F]`.
+    """
+    if freqm > 0:
+        features = _mask_along_axis(features, freqm, axis=2, fill_value=fill_value)
+    if timem > 0:
+        features = _mask_along_axis(features, timem, axis=1, fill_value=fill_value)
+    return features
+
+
+def add_noise_and_roll(features: torch.Tensor) -> torch.Tensor:
+    """
+    The reference's noise augmentation on normalised features `[B, T, F]`: per clip, add uniform noise in
+    `[0, a / 10)` with `a ~ U(0, 1)`, then roll along time by a shift drawn from `[-T, T)`.
+    """
+    batch_size, length, _ = features.shape
+    scale = torch.rand(batch_size, 1, 1) / 10
+    noisy = features + torch.rand_like(features) * scale
+    shifts = torch.randint(-length, length, (batch_size,))
+    index = (torch.arange(length)[None, :] - shifts[:, None]) % length
+    return torch.gather(noisy, 1, index[:, :, None].expand_as(noisy))
+
+
+def draw_mixup(batch_size: int, probability: float, alpha: float = MIXUP_ALPHA) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Mixup partners and weights for a batch: each clip is mixed with probability `probability` with a uniformly
+    drawn clip of the batch (which may be itself), with weight `lambda ~ Beta(alpha, alpha)` on its own data.
+    Returns `(partners [B] long, lambdas [B] float)`; unmixed clips get themselves and lambda 1.
+    """
+    partners = torch.arange(batch_size)
+    lambdas = torch.ones(batch_size)
+    if probability <= 0:
+        return partners, lambdas
+    mixed = torch.rand(batch_size) < probability
+    draws = torch.randint(0, batch_size, (batch_size,))
+    beta = torch.distributions.Beta(torch.tensor(alpha), torch.tensor(alpha)).sample((batch_size,))
+    return torch.where(mixed, draws, partners), torch.where(mixed, beta, lambdas)
+
+
+def mix_waveforms(first: np.ndarray, second: np.ndarray, weight: float) -> np.ndarray:
+    """`weight * first + (1 - weight) * second`, each without its mean, `second` zero-padded or cut to `first`'s
+    length, the mix without its mean (the reference mixes waveforms before the fbank)."""
+    first = first - first.mean()
+    second = second - second.mean()
+    if len(second) < len(first):
+        second = np.pad(second, (0, len(first) - len(second)))
+    mixed = weight * first + (1 - weight) * second[: len(first)]
+    return (mixed - mixed.mean()).astype(np.float32)
+
+
+def smoothed_targets(
+    labels: Sequence[Sequence[int]],
+    num_labels: int,
+    smoothing: float = 0.0,
+    partners: torch.Tensor | None = None,
+    lambdas: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """
+    Targets `[B, num_labels]` as the reference builds them: every class starts at `smoothing / num_labels`; an
+    unmixed clip's classes are set to `1 - smoothing`; a mixed clip adds `lambda * (1 - smoothing)` to its own
+    classes and `(1 - lambda) * (1 - smoothing)` to its partner's.
+    """
+    batch_size = len(labels)
+    targets = torch.full((batch_size, num_labels), smoothing / num_labels)
+    for i, own in enumerate(labels):
+        weight = 1.0 if lambdas is None else float(lambdas[i])
+        partner = i if partners is None else int(partners[i])
+        if weight == 1.0 and partner == i:
+            targets[i, list(own)] = 1.0 - smoothing
+            continue
+        for label in own:
+            targets[i, label] += weight * (1.0 - smoothing)
+        for label in labels[partner]:
+            targets[i, label] += (1.0 - weight) * (1.0 - smoothing)
+    return targets
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The transform
+# ----------------------------------------------------------------------------------------------------------------
+class AudioVisualTransform:
+    """
+    Turns a batch of dataset rows into model inputs: `input_features` `[B, T, F]`, `pixel_values` `[B, 3, S, S]`
+    (or `[B, num_frames, 3, S, S]` with `frame_index="all"`), and, with `num_labels`, `labels` `[B, num_labels]`
+    (float multi-hot, smoothed and mixed as the reference). Use it with `dataset.with_transform(transform)`.
+
+    Args:
+        feature_extractor ([`CavMaeFeatureExtractor`]): fbank and frame preprocessing; its `max_length`,
+            `num_mel_bins` and `image_size` must match the model.
+        training (`bool`): draw a random frame of `num_frames` and apply the augmentations below; otherwise take
+            `frame_index` and apply none.
+        num_frames (`int`, defaults to 10): frames per clip (sampled uniformly from a video).
+        frame_index (`int`, `"middle"` or `"all"`, defaults to `"middle"`): the evaluation frame; `"middle"` is
+            frame `num_frames // 2` (the reference's frame 5 of 10); `"all"` returns every frame, for the
+            classifier's multi-frame evaluation.
+        freqm, timem (`int`): SpecAugment's largest frequency / time band (reference fine-tuning: 48 and 192 of
+            1024 frames).
+        mixup (`float`): share of clips mixed with another clip of the batch (reference fine-tuning: 0.5).
+        noise (`bool`): the noise + time-roll augmentation (reference: on for pretraining and fine-tuning).
+        label_smoothing (`float`): reference fine-tuning: 0.1.
+        num_labels (`int`, *optional*): emit `labels`; None for pretraining.
+        on_error (`"warn"` or `"raise"`): a clip that fails to load is, with `"warn"`, logged and replaced by the
+            reference's constant stand-in (fbank 0.01, frames 0.01), so that one bad file does not end a long run.
+    """
+
+    def __init__(
+        self,
+        feature_extractor: CavMaeFeatureExtractor,
+        training: bool = False,
+        num_frames: int = DEFAULT_NUM_FRAMES,
+        frame_index="middle",
+        freqm: int = 0,
+        timem: int = 0,
+        mixup: float = 0.0,
+        noise: bool = False,
+        label_smoothing: float = 0.0,
+        num_labels: int | None = None,
+        on_error: str = "warn",
+    ):
+        if on_error not in ("warn", "raise"):
+            raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}.")
+        if not (frame_index in ("middle", "all") or isinstance(frame_index, int)):
+            raise ValueError(f"frame_index must be an int, 'middle' or 'all', got {frame_index!r}.")
+        if (mixup > 0 or label_smoothing > 0) and num_labels is None and training:
+            logger.info("mixup / label smoothing mix labels; without num_labels only the inputs are mixed.")
+        self.feature_extractor = feature_extractor
+        self.training = training
+        self.num_frames = num_frames
+        self.frame_index = frame_index
+        self.freqm = freqm
+        self.timem = timem
+        self.mixup = mixup
+        self.noise = noise
+        self.label_smoothing = label_smoothing
+        self.num_labels = num_labels
+        self.on_error = on_error
+
+    @property
+    def audio_seconds(self) -> float:
+        """Audio the fbank of `max_length` frames uses (plus a little): decoding stops there."""
+        extractor = self.feature_extractor
+        return ((extractor.max_length - 1) * extractor.frame_shift_ms + extractor.frame_length_ms) / 1000 + 0.02
+
+    def frame_indices(self) -> list[int]:
+        if self.training:
+            return [int(torch.randint(0, self.num_frames, ()))]
+        if self.frame_index == "all":
+            return list(range(self.num_frames))
+        if self.frame_index == "middle":
+            return [self.num_frames // 2]
+        return [self.frame_index]
+
+    def __call__(self, batch: dict) -> dict:
+        rows = _rows(batch)
+        clips, failed = self._decode(rows)
+        partners, lambdas = draw_mixup(len(rows), self.mixup if self.training else 0.0)
+        waveforms = [
+            mix_waveforms(clip.waveform, clips[int(partner)].waveform, float(weight)) if weight < 1 else clip.waveform
+            for clip, partner, weight in zip(clips, partners, lambdas)
+        ]
+        extractor = self.feature_extractor
+        features = extractor(audio=waveforms, sampling_rate=extractor.sampling_rate, return_tensors="pt")
+        input_features = features["input_features"]
+        pixel_values = extractor(images=[clip.frames for clip in clips], return_tensors="pt")["pixel_values"]
+        if self.frame_index != "all" or self.training:
+            pixel_values = pixel_values[:, 0]
+        if self.training:
+            shape = (-1,) + (1,) * (pixel_values.dim() - 1)
+            pixel_values = lambdas.view(shape) * pixel_values + (1 - lambdas.view(shape)) * pixel_values[partners]
+            input_features = spec_augment(input_features, self.freqm, self.timem, fill_value=self._raw_zero)
+        for index in failed:
+            input_features[index] = self._normalise(FAILED_LOAD_VALUE)
+            pixel_values[index] = FAILED_LOAD_VALUE
+        if self.training and self.noise:
+            input_features = add_noise_and_roll(input_features)
+        output = {"input_features": input_features, "pixel_values": pixel_values}
+        if self.num_labels is not None:
+            smoothing = self.label_smoothing if self.training else 0.0
+            output["labels"] = smoothed_targets(
+                [row.get("labels") or [] for row in rows], self.num_labels, smoothing, partners, lambdas
+            )
+        return output
+
+    def _decode(self, rows: list[dict]) -> tuple[list[DecodedClip], list[int]]:
+        clips, failed = [], []
+        extractor = self.feature_extractor
+        for position, row in enumerate(rows):
+            try:
+                indices = self.frame_indices()
+                clip = decode_clip(row, indices, self.num_frames, extractor.sampling_rate, self.audio_seconds)
+            except (media.MediaError, CavMaeDataError, OSError) as error:
+                if self.on_error == "raise":
+                    raise
+                logger.warning("Clip %r could not be loaded (%s); using the stand-in.", row.get("clip_id"), error)
+                failed.append(position)
+                blank = Image.new("RGB", (extractor.image_size, extractor.image_size))
+                clip = DecodedClip(np.zeros(extractor.sampling_rate, np.float32), [blank] * len(indices))
+            clips.append(clip)
+        return clips, failed
+
+    @property
+    def _raw_zero(self) -> float:
+        """A raw fbank value of 0 in the feature extractor's normalised units."""
+        return self._normalise(0.0)
+
+    def _normalise(self, value: float) -> float:
+        extractor = self.feature_extractor
+        return (value - extractor.audio_mean) / extractor.audio_std if extractor.do_normalize else value
+
+
+def pretraining_transforms(
+    feature_extractor: CavMaeFeatureExtractor, noise: bool = True, num_frames: int = DEFAULT_NUM_FRAMES
+):
+    """(train, eval) transforms of the reference's pretraining: random frame and noise + roll in training, the
+    middle frame at evaluation; no labels, no SpecAugment, no mixup."""
+    return (
+        AudioVisualTransform(feature_extractor, training=True, num_frames=num_frames, noise=noise),
+        AudioVisualTransform(feature_extractor, training=False, num_frames=num_frames),
+    )
+
+
+def finetuning_transforms(
+    feature_extractor: CavMaeFeatureExtractor,
+    num_labels: int,
+    freqm: int = 48,
+    timem: int = 192,
+    mixup: float = 0.5,
+    noise: bool = True,
+    label_smoothing: float = 0.1,
+    num_frames: int = DEFAULT_NUM_FRAMES,
+    eval_frames="all",
+):
+    """(train, eval) transforms of the reference's fine-tuning (defaults: its AudioSet / VGGSound recipe for 1024
+    frames; scale `timem` with the audio length). Evaluation uses every frame by default (multi-frame evaluation);
+    `eval_frames="middle"` uses frame 5 of 10."""
+    train = AudioVisualTransform(
+        feature_extractor,
+        training=True,
+        num_frames=num_frames,
+        freqm=freqm,
+        timem=timem,
+        mixup=mixup,
+        noise=noise,
+        label_smoothing=label_smoothing,
+        num_labels=num_labels,
+    )
+    evaluation = AudioVisualTransform(
+        feature_extractor, training=False, num_frames=num_frames, frame_index=eval_frames, num_labels=num_labels
+    )
+    return train, evaluation
+
+
+def with_transform(dataset, transform: AudioVisualTransform, batch_size: int = 32):
+    """
+    Attach `transform` to a dataset: `Dataset.with_transform` for map-style datasets (the Trainer's DataLoader then
+    hands whole batches to it), `IterableDataset.map(batched=True)` for streaming ones (`batch_size` rows per call,
+    the mixup pool).
+    """
+    if isinstance(dataset, datasets.IterableDataset):
+        columns = list(dataset.column_names or [])
+        return dataset.map(transform, batched=True, batch_size=batch_size, remove_columns=columns)
+    return dataset.with_transform(transform)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Collator
+# ----------------------------------------------------------------------------------------------------------------
+class AudioVisualDataCollator:
+    """
+    Stacks transformed examples (`input_features`, `pixel_values`, `labels`) into a batch; other keys are dropped.
+    Accepts a list of per-example dicts (what a DataLoader over `with_transform` datasets yields) or one dict of
+    already batched tensors.
+    """
+
+    model_input_names = ("input_features", "pixel_values", "labels")
+
+    def __call__(self, examples) -> dict[str, torch.Tensor]:
+        if isinstance(examples, dict):
+            return {name: examples[name] for name in self.model_input_names if name in examples}
+        if not examples:
+            raise CavMaeDataError("Cannot collate an empty batch.")
+        names = [name for name in self.model_input_names if name in examples[0]]
+        return {name: torch.stack([torch.as_tensor(example[name]) for example in examples]) for name in names}
+
+
+__all__ = [
+    "AudioVisualDataCollator",
+    "AudioVisualTransform",
+    "CavMaeDataError",
+    "DecodedClip",
+    "LabelSet",
+    "add_noise_and_roll",
+    "balanced_sample_weights",
+    "clip_dataset_features",
+    "dataset_from_csv",
+    "dataset_from_folder",
+    "dataset_from_reference_json",
+    "decode_clip",
+    "decode_clips",
+    "draw_mixup",
+    "finetuning_transforms",
+    "label_set_of",
+    "labels_for_classification",
+    "mix_waveforms",
+    "pretraining_transforms",
+    "read_label_csv",
+    "smoothed_targets",
+    "spec_augment",
+    "with_transform",
+]

@@ -1,0 +1,667 @@
+"""
+Training CAV-MAE with the Hugging Face `Trainer`, the way the reference recipes train it.
+
+- [`CavMaeTrainingArguments`]: `TrainingArguments` plus the reference's knobs: `head_lr` (learning-rate ratio
+  of the new classification head), `freeze_base` (linear probing), the step schedule (`lr_schedule=
+  "reference_step"`: the learning rate is multiplied by `lr_decay` every `lr_decay_every` epochs from epoch
+  `lr_decay_start`), the reference optimizer (Adam, betas (0.95, 0.999), L2 weight decay 5e-7 on every parameter),
+  balanced sampling, and checkpoint weight averaging over a range of epochs (`weight_averaging`, `wa_start`,
+  `wa_end`). Defaults that differ from `TrainingArguments`: `remove_unused_columns=False` (the transforms need the
+  raw columns), `adam_beta1=0.95`, `weight_decay=5e-7`.
+- [`CavMaeTrainer`]: a `Trainer` that logs every loss component of pretraining (`mae_loss`, `audio_mae_loss`,
+  `visual_mae_loss`, `contrastive_loss`, `contrastive_accuracy`) in training and evaluation, evaluates
+  pretraining models on their loss, and builds the optimizer and schedule above. It runs unchanged under `torchrun`
+  or `accelerate launch` (DDP); the contrastive loss then takes its negatives from the whole global batch unless
+  `config.contrastive_negatives="local"`.
+- [`WeightAveragingCallback`] and [`average_checkpoints`]: the reference's `wa`, the mean of the weights at the end
+  of epochs `wa_start..wa_end` (kept in memory during training and saved with each checkpoint so that resuming
+  continues it), or of saved checkpoints afterwards.
+- Argument dataclasses shared by `examples/pretrain.py` and `examples/finetune.py`, dataset loading by path, and
+  retrieval evaluation ([`evaluate_retrieval`]).
+"""
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, WeightedRandomSampler
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.utils import logging
+
+from .configuration_cav_mae import CavMaeConfig
+from .data import (
+    DEFAULT_NUM_FRAMES,
+    AudioVisualDataCollator,
+    CavMaeDataError,
+    LabelSet,
+    balanced_sample_weights,
+    dataset_from_csv,
+    dataset_from_folder,
+    dataset_from_reference_json,
+    read_label_csv,
+)
+from .metrics import retrieval_metrics
+
+logger = logging.get_logger(__name__)
+
+LOSS_COMPONENTS = ("mae_loss", "audio_mae_loss", "visual_mae_loss", "contrastive_loss", "contrastive_accuracy")
+HEAD_PREFIX = "classifier."
+CLASSIFIER_OUTPUTS_NOT_GATHERED = ["frame_logits", "pooled_output"]
+WEIGHT_AVERAGE_FILE = "weight_average.safetensors"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class CavMaeTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with the CAV-MAE reference's optimisation options (see the module docstring)."""
+
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep the raw columns: the on-the-fly transforms decode them."}
+    )
+    adam_beta1: float = field(default=0.95, metadata={"help": "Adam beta1 (reference: 0.95)."})
+    weight_decay: float = field(default=5e-7, metadata={"help": "Weight decay (reference: 5e-7)."})
+    reference_optimizer: bool = field(
+        default=True,
+        metadata={
+            "help": "Use torch.optim.Adam with L2 weight decay on every parameter, as the reference; otherwise the "
+            "optimizer named by --optim (decoupled decay, none on biases and LayerNorms)."
+        },
+    )
+    head_lr: float = field(
+        default=1.0,
+        metadata={
+            "help": "Learning-rate multiplier of the new classification head (reference: 100 on AudioSet-20K, 50 on "
+            "AudioSet-2M, 10 on VGGSound)."
+        },
+    )
+    freeze_base: bool = field(
+        default=False, metadata={"help": "Train only the classification head (linear probing)."}
+    )
+    lr_schedule: str = field(
+        default="reference_step",
+        metadata={
+            "help": "'reference_step': multiply the learning rate by lr_decay every lr_decay_every epochs from "
+            "epoch lr_decay_start (after warmup_steps/warmup_ratio, if any); 'transformers': use lr_scheduler_type.",
+            "choices": ["reference_step", "transformers"],
+        },
+    )
+    lr_decay_start: int = field(
+        default=10, metadata={"help": "Epoch after which the first decay applies (reference lrscheduler_start)."}
+    )
+    lr_decay_every: int = field(default=5, metadata={"help": "Epochs between decays (reference lrscheduler_step)."})
+    lr_decay: float = field(default=0.5, metadata={"help": "Decay factor (reference lrscheduler_decay)."})
+    steps_per_epoch: int | None = field(
+        default=None,
+        metadata={"help": "Optimizer steps per epoch of the step schedule when the dataset has no length (streaming)."},
+    )
+    balanced_sampling: bool = field(
+        default=False, metadata={"help": "Sample clips with class-balancing weights (reference --bal bal)."}
+    )
+    weight_averaging: bool = field(
+        default=False, metadata={"help": "Average the weights at the end of epochs wa_start..wa_end (reference wa)."}
+    )
+    wa_start: int = field(default=1, metadata={"help": "First epoch (1-based) of the weight average."})
+    wa_end: int = field(default=10, metadata={"help": "Last epoch (inclusive) of the weight average."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.lr_schedule not in ("reference_step", "transformers"):
+            raise ValueError(f"lr_schedule must be 'reference_step' or 'transformers', got {self.lr_schedule!r}.")
+        if self.lr_decay_every < 1:
+            raise ValueError(f"lr_decay_every must be at least 1, got {self.lr_decay_every}.")
+        if self.weight_averaging and not 1 <= self.wa_start <= self.wa_end:
+            raise ValueError(f"Need 1 <= wa_start <= wa_end, got {self.wa_start} and {self.wa_end}.")
+
+
+@dataclass
+class DataArguments:
+    """Where the clips are and how they become model inputs (shared by the example scripts)."""
+
+    train_data: str = field(
+        metadata={"help": "Training clips: a folder of videos (class sub-folders), a CSV (video,labels) or a "
+        "reference data JSON."}
+    )
+    eval_data: str | None = field(default=None, metadata={"help": "Evaluation clips, in any of the same layouts."})
+    label_csv: str | None = field(default=None, metadata={"help": "Label CSV index,mid,display_name."})
+    audio_length: int = field(default=1024, metadata={"help": "Fbank frames per clip (reference target_length)."})
+    num_mel_bins: int = field(default=128, metadata={"help": "Mel bins."})
+    image_size: int = field(default=224, metadata={"help": "Side of the square frames."})
+    dataset_mean: float = field(default=-5.081, metadata={"help": "Fbank normalisation mean (reference: AudioSet)."})
+    dataset_std: float = field(default=4.4849, metadata={"help": "Fbank normalisation std."})
+    num_frames: int = field(default=DEFAULT_NUM_FRAMES, metadata={"help": "Frames per clip to choose from."})
+    noise: bool = field(default=True, metadata={"help": "Noise + time-roll augmentation in training."})
+    decode_once: bool = field(
+        default=False,
+        metadata={"help": "Decode every video once into audio and PNG frames before training (faster epochs)."},
+    )
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for decode_once."})
+    streaming: bool = field(
+        default=False, metadata={"help": "Iterate the training set as an IterableDataset (no random access)."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training clips."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation clips."})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Datasets by path
+# ----------------------------------------------------------------------------------------------------------------
+def load_clip_dataset(path, label_csv=None, num_frames: int = DEFAULT_NUM_FRAMES, label_set: LabelSet | None = None):
+    """A clip dataset from a folder of videos, a CSV of videos (`.csv`) or a reference data file (`.json`)."""
+    path = Path(path)
+    if label_set is None and label_csv is not None:
+        label_set = read_label_csv(label_csv)
+    if path.is_dir():
+        return dataset_from_folder(path, label_set=label_set)
+    if path.suffix.lower() == ".csv":
+        return dataset_from_csv(path, label_set=label_set)
+    if path.suffix.lower() == ".json":
+        return dataset_from_reference_json(path, label_csv=label_csv, num_frames=num_frames)
+    raise CavMaeDataError(f"{path}: expected a folder of videos, a .csv or a reference .json data file.")
+
+
+def load_train_and_eval_datasets(data_args: DataArguments, training_args: TrainingArguments):
+    """The (train, eval) clip datasets of the example scripts: loaded by path, cut to `max_*_samples`, decoded once
+    with `decode_once` (on the main process first, the others then read the cache), and the training set made
+    iterable with `streaming`. `eval` is None without `eval_data`."""
+    from .data import decode_clips
+
+    train = load_clip_dataset(data_args.train_data, data_args.label_csv, data_args.num_frames)
+    evaluation = None
+    if data_args.eval_data:
+        evaluation = load_clip_dataset(data_args.eval_data, data_args.label_csv, data_args.num_frames)
+    if data_args.max_train_samples is not None:
+        train = train.select(range(min(data_args.max_train_samples, len(train))))
+    if evaluation is not None and data_args.max_eval_samples is not None:
+        evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
+    if data_args.decode_once:
+        with training_args.main_process_first(desc="decoding clips"):
+            workers = data_args.preprocessing_num_workers
+            train = decode_clips(train, data_args.num_frames, num_proc=workers)
+            if evaluation is not None:
+                evaluation = decode_clips(evaluation, data_args.num_frames, num_proc=workers, desc="Decoding eval")
+    if data_args.streaming:
+        train = train.to_iterable_dataset(num_shards=max(1, training_args.dataloader_num_workers))
+    return train, evaluation
+
+
+def feature_extractor_from_data_args(data_args: DataArguments):
+    from .feature_extraction_cav_mae import CavMaeFeatureExtractor
+
+    return CavMaeFeatureExtractor(
+        max_length=data_args.audio_length,
+        num_mel_bins=data_args.num_mel_bins,
+        image_size=data_args.image_size,
+        audio_mean=data_args.dataset_mean,
+        audio_std=data_args.dataset_std,
+    )
+
+
+def resolve_checkpoint(training_args: TrainingArguments) -> str | None:
+    """`--resume_from_checkpoint PATH`, or `last` for the newest checkpoint in `output_dir`."""
+    checkpoint = training_args.resume_from_checkpoint
+    if checkpoint in ("last", "true", "True"):
+        checkpoint = get_last_checkpoint(training_args.output_dir)
+        if checkpoint is None:
+            raise ValueError(f"--resume_from_checkpoint last: no checkpoint in {training_args.output_dir}.")
+    return checkpoint
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Learning-rate schedule
+# ----------------------------------------------------------------------------------------------------------------
+def reference_step_multiplier(
+    step: int, steps_per_epoch: int, decay_start: int, decay_every: int, decay: float, warmup_steps: int = 0
+) -> float:
+    """
+    The reference's `MultiStepLR(milestones=range(decay_start, 1000, decay_every), gamma=decay)` stepped once per
+    epoch, per optimizer step: after `e` completed epochs the factor is `decay ** n` with `n` the milestones
+    `<= e`. A linear warmup over `warmup_steps` (Transformers' convention: from 0) multiplies it.
+    """
+    completed_epochs = step // max(steps_per_epoch, 1)
+    decays = 0 if completed_epochs < decay_start else (completed_epochs - decay_start) // decay_every + 1
+    warmup = step / warmup_steps if step < warmup_steps else 1.0
+    return warmup * decay**decays
+
+
+def reference_step_schedule(optimizer, steps_per_epoch, decay_start, decay_every, decay, warmup_steps=0):
+    """A `LambdaLR` applying [`reference_step_multiplier`] to every parameter group's own learning rate."""
+
+    def multiplier(step: int) -> float:
+        return reference_step_multiplier(step, steps_per_epoch, decay_start, decay_every, decay, warmup_steps)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model preparation
+# ----------------------------------------------------------------------------------------------------------------
+def is_head_parameter(name: str) -> bool:
+    """Whether a parameter belongs to the classification head (new at fine-tuning: `head_lr`, never frozen)."""
+    return name.startswith(HEAD_PREFIX) or f".{HEAD_PREFIX}" in name
+
+
+def freeze_backbone(model: torch.nn.Module) -> int:
+    """Stop gradients to everything but the classification head (linear probing). Returns the trainable count."""
+    trainable = 0
+    for name, parameter in model.named_parameters():
+        keep = is_head_parameter(name)
+        parameter.requires_grad_(keep)
+        trainable += parameter.numel() if keep else 0
+    if trainable == 0:
+        raise ValueError("freeze_base: the model has no classification head to train.")
+    return trainable
+
+
+def is_pretraining_model(model: torch.nn.Module) -> bool:
+    return hasattr(model, "decoder") and hasattr(model, "cav_mae")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Weight averaging
+# ----------------------------------------------------------------------------------------------------------------
+def _floating_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    state = model.state_dict()
+    return {name: tensor.detach().float().cpu() for name, tensor in state.items() if tensor.is_floating_point()}
+
+
+class WeightAveragingCallback(TrainerCallback):
+    """
+    The reference's weight averaging (`--wa True --wa_start S --wa_end E`): the mean of the model's weights at the
+    end of epochs S..E (1-based, inclusive), loaded into the model when training ends (`apply_at_end`). The running
+    sum is kept on the CPU and written into every checkpoint (`weight_average.safetensors`), so a run resumed with
+    [`CavMaeTrainer`] continues the same average.
+    """
+
+    def __init__(self, start_epoch: int = 1, end_epoch: int = 10, apply_at_end: bool = True):
+        if not 1 <= start_epoch <= end_epoch:
+            raise ValueError(f"Need 1 <= start_epoch <= end_epoch, got {start_epoch} and {end_epoch}.")
+        self.start_epoch = start_epoch
+        self.end_epoch = end_epoch
+        self.apply_at_end = apply_at_end
+        self.sums: dict[str, torch.Tensor] = {}
+        self.epochs: list[int] = []
+        self._restored = False
+
+    @property
+    def count(self) -> int:
+        return len(self.epochs)
+
+    def average(self) -> dict[str, torch.Tensor]:
+        """The averaged floating-point weights (empty before the first epoch in range)."""
+        return {name: total / self.count for name, total in self.sums.items()}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not self._restored:
+            self.sums, self.epochs = {}, []
+        self._restored = False
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        epoch = int(round(state.epoch or 0))
+        if model is None or not self.start_epoch <= epoch <= self.end_epoch or epoch in self.epochs:
+            return
+        for name, tensor in _floating_state(model).items():
+            self.sums[name] = self.sums[name] + tensor if name in self.sums else tensor.clone()
+        self.epochs.append(epoch)
+
+    def on_save(self, args, state, control, **kwargs):
+        if not self.sums or not args.should_save:
+            return
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if folder.is_dir():
+            tensors = {name: tensor.contiguous() for name, tensor in self.sums.items()}
+            save_file(tensors, folder / WEIGHT_AVERAGE_FILE, metadata={"epochs": json.dumps(self.epochs)})
+
+    def load_from_checkpoint(self, checkpoint) -> bool:
+        """Continue the running sum saved in `checkpoint`; returns whether there was one."""
+        path = Path(checkpoint) / WEIGHT_AVERAGE_FILE
+        if not path.is_file():
+            return False
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            self.epochs = json.loads(handle.metadata()["epochs"])
+        self.sums = load_file(str(path))
+        self._restored = True
+        return True
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if not self.apply_at_end or model is None:
+            return
+        if not self.epochs:
+            logger.warning(
+                f"Weight averaging: no epoch in {self.start_epoch}..{self.end_epoch} was completed; weights unchanged."
+            )
+            return
+        missing = [e for e in range(self.start_epoch, self.end_epoch + 1) if e not in self.epochs]
+        if missing:
+            logger.warning(f"Weight averaging: epochs {missing} were not reached; averaging epochs {self.epochs}.")
+        self.load_average_into(model)
+        logger.info(f"Loaded the average of the weights of epochs {self.epochs}.")
+
+    def load_average_into(self, model: torch.nn.Module):
+        state = model.state_dict()
+        averaged = {name: value.to(state[name].device, state[name].dtype) for name, value in self.average().items()}
+        model.load_state_dict(averaged, strict=False)
+
+
+def checkpoint_epochs(output_dir) -> dict[int, Path]:
+    """`{epoch: checkpoint folder}` of the Trainer checkpoints in `output_dir` saved at the end of an epoch
+    (read from each checkpoint's `trainer_state.json`)."""
+    found = {}
+    for folder in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        state_file = folder / "trainer_state.json"
+        if not state_file.is_file():
+            continue
+        epoch = json.loads(state_file.read_text()).get("epoch")
+        if epoch is not None and abs(epoch - round(epoch)) < 1e-6:
+            found[int(round(epoch))] = folder
+    return dict(sorted(found.items()))
+
+
+def average_checkpoints(checkpoints) -> dict[str, torch.Tensor]:
+    """
+    The element-wise mean of the floating-point weights saved in `checkpoints` (folders holding
+    `model.safetensors`, e.g. Trainer checkpoints or `save_pretrained` outputs); non-floating tensors are taken
+    from the first. Load it with `model.load_state_dict(average, strict=False)`.
+    """
+    checkpoints = [Path(path) for path in checkpoints]
+    if not checkpoints:
+        raise ValueError("average_checkpoints needs at least one checkpoint.")
+    total = None
+    for folder in checkpoints:
+        weights = load_file(str(folder / "model.safetensors"))
+        if total is None:
+            total = {name: t.double() if t.is_floating_point() else t for name, t in weights.items()}
+            dtypes = {name: tensor.dtype for name, tensor in weights.items()}
+            continue
+        if weights.keys() != total.keys():
+            raise ValueError(f"{folder} holds other weights than {checkpoints[0]}.")
+        for name, tensor in weights.items():
+            if tensor.is_floating_point():
+                total[name] += tensor.double()
+    return {
+        name: (tensor / len(checkpoints)).to(dtypes[name]) if tensor.is_floating_point() else tensor
+        for name, tensor in total.items()
+    }
+
+
+def average_epoch_checkpoints(output_dir, start_epoch: int, end_epoch: int) -> dict[str, torch.Tensor]:
+    """[`average_checkpoints`] over the end-of-epoch checkpoints of epochs `start_epoch..end_epoch` (inclusive)."""
+    by_epoch = checkpoint_epochs(output_dir)
+    wanted = list(range(start_epoch, end_epoch + 1))
+    missing = [epoch for epoch in wanted if epoch not in by_epoch]
+    if missing:
+        raise ValueError(
+            f"No end-of-epoch checkpoint for epochs {missing} in {output_dir} (save_strategy='epoch' and a "
+            "save_total_limit that keeps them are needed)."
+        )
+    return average_checkpoints([by_epoch[epoch] for epoch in wanted])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Trainer
+# ----------------------------------------------------------------------------------------------------------------
+class CavMaeTrainer(Trainer):
+    """
+    `Trainer` for CAV-MAE pretraining and fine-tuning. With [`CavMaeTrainingArguments`] it builds the reference
+    optimizer, head learning rate, step schedule, balanced sampler, backbone freezing and weight averaging; with
+    plain `TrainingArguments` it behaves as `Trainer` apart from the loss-component logging.
+
+    Args:
+        sample_weights (*optional*): per-clip sampling weights (overrides `balanced_sampling`'s own).
+        Other arguments: as `Trainer`; `data_collator` defaults to [`AudioVisualDataCollator`].
+    """
+
+    def __init__(self, *args, sample_weights=None, **kwargs):
+        if kwargs.get("data_collator") is None:
+            kwargs["data_collator"] = AudioVisualDataCollator()
+        super().__init__(*args, **kwargs)
+        self.sample_weights = sample_weights
+        self._component_totals = {"train": defaultdict(float), "eval": defaultdict(float)}
+        self._component_counts = {"train": defaultdict(int), "eval": defaultdict(int)}
+        self._update_steps_per_epoch = None
+        if getattr(self.args, "freeze_base", False):
+            trainable = freeze_backbone(self.model)
+            logger.info(f"freeze_base: only the classification head is trained ({trainable:,} parameters).")
+        if getattr(self.args, "weight_averaging", False) and self.weight_averaging_callback is None:
+            self.add_callback(WeightAveragingCallback(self.args.wa_start, self.args.wa_end))
+
+    @property
+    def weight_averaging_callback(self) -> WeightAveragingCallback | None:
+        return next((cb for cb in self.callback_handler.callbacks if isinstance(cb, WeightAveragingCallback)), None)
+
+    # Training entry point ------------------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        if checkpoint and self.weight_averaging_callback is not None:
+            self.weight_averaging_callback.load_from_checkpoint(checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def set_initial_training_values(self, args, dataloader):
+        values = super().set_initial_training_values(args, dataloader)
+        self._update_steps_per_epoch = values[1]
+        return values
+
+    # Optimizer and schedule -------------------------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = self.model if model is None else model
+        args = self.args
+        head_lr = args.learning_rate * getattr(args, "head_lr", 1.0)
+        named = [(name, p) for name, p in opt_model.named_parameters() if p.requires_grad]
+        if getattr(args, "reference_optimizer", False):
+            groups = [
+                {"params": [p for name, p in named if not is_head_parameter(name)], "lr": args.learning_rate},
+                {"params": [p for name, p in named if is_head_parameter(name)], "lr": head_lr},
+            ]
+            self.optimizer = torch.optim.Adam(
+                [group for group in groups if group["params"]],
+                lr=args.learning_rate,
+                betas=(args.adam_beta1, args.adam_beta2),
+                eps=args.adam_epsilon,
+                weight_decay=args.weight_decay,
+            )
+            return self.optimizer
+        decay = set(self.get_decay_parameter_names(opt_model))
+        groups = []
+        for head in (False, True):
+            for decays in (True, False):
+                params = [p for name, p in named if is_head_parameter(name) == head and (name in decay) == decays]
+                if params:
+                    groups.append(
+                        {
+                            "params": params,
+                            "lr": head_lr if head else args.learning_rate,
+                            "weight_decay": args.weight_decay if decays else 0.0,
+                        }
+                    )
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(args, opt_model)
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is not None or getattr(self.args, "lr_schedule", "transformers") != "reference_step":
+            return super().create_scheduler(num_training_steps, optimizer)
+        steps_per_epoch = self.args.steps_per_epoch or self._update_steps_per_epoch or num_training_steps
+        self.lr_scheduler = reference_step_schedule(
+            optimizer or self.optimizer,
+            steps_per_epoch,
+            self.args.lr_decay_start,
+            self.args.lr_decay_every,
+            self.args.lr_decay,
+            warmup_steps=self.args.get_warmup_steps(num_training_steps),
+        )
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    # Sampling -----------------------------------------------------------------------------------------------------
+    def _get_train_sampler(self, train_dataset=None):
+        weights = self.sample_weights
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if weights is None and getattr(self.args, "balanced_sampling", False):
+            weights = balanced_sample_weights(dataset)
+        if weights is None:
+            return super()._get_train_sampler(train_dataset)
+        generator = torch.Generator()
+        generator.manual_seed(self.args.seed)  # the same draws on every process; accelerate shards the batches
+        return WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(weights), True, generator)
+
+    # Loss components ---------------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        self._record_components(outputs, "train" if model.training else "eval")
+        return (loss, outputs) if return_outputs else loss
+
+    def _record_components(self, outputs, split: str):
+        if not isinstance(outputs, dict):
+            return
+        for name in LOSS_COMPONENTS:
+            value = outputs.get(name)
+            if value is not None:
+                self._component_totals[split][name] += value.detach().float()
+                self._component_counts[split][name] += 1
+
+    def _pop_component_means(self, split: str) -> dict[str, float]:
+        """Means of the recorded components since the last call, averaged over processes."""
+        totals, counts = self._component_totals[split], self._component_counts[split]
+        means = {}
+        for name in LOSS_COMPONENTS:
+            if counts.get(name):
+                mean = torch.as_tensor(totals[name] / counts[name], device=self.args.device).float()
+                means[name] = float(self.accelerator.reduce(mean, reduction="mean"))
+        totals.clear()
+        counts.clear()
+        return means
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs and self._component_counts["train"]:
+            logs.update(self._pop_component_means("train"))
+        super().log(logs, *args, **kwargs)
+
+    def evaluation_loop(self, *args, **kwargs):
+        self._component_totals["eval"].clear()
+        self._component_counts["eval"].clear()
+        output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        for name, value in self._pop_component_means("eval").items():
+            output.metrics[f"{prefix}_{name}"] = value
+        return output
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        if not is_pretraining_model(self.accelerator.unwrap_model(model)):
+            # only the (frame-aggregated) logits are gathered, not the per-frame logits or pooled features
+            ignore_keys = CLASSIFIER_OUTPUTS_NOT_GATHERED if ignore_keys is None else ignore_keys
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        # Pretraining models are evaluated on their (masked) losses; their patch predictions are not gathered.
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Retrieval evaluation
+# ----------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def retrieval_embeddings(
+    model, dataset, batch_size: int = 32, device=None, progress: bool = False, num_workers: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Pooled audio and visual embeddings `[N, D]` of a transformed dataset (the unmasked modality streams,
+    mean-pooled, as the reference's retrieval; several frames of a clip are averaged). `model` is any CAV-MAE
+    model (its `cav_mae` encoder is used).
+    """
+    encoder = getattr(model, "cav_mae", model)
+    device = device or next(encoder.parameters()).device
+    was_training = encoder.training
+    encoder.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=AudioVisualDataCollator(), num_workers=num_workers)
+    if progress:
+        from tqdm.auto import tqdm
+
+        loader = tqdm(loader, desc="Embedding clips", unit="batch")
+    audio, visual = [], []
+    for batch in loader:
+        input_features = batch["input_features"].to(device)
+        pixel_values = batch["pixel_values"].to(device)
+        audio.append(encoder.get_audio_features(input_features).float().cpu())
+        if pixel_values.dim() == 5:
+            frames = encoder.get_image_features(pixel_values.flatten(0, 1)).float().cpu()
+            visual.append(frames.unflatten(0, pixel_values.shape[:2]).mean(dim=1))
+        else:
+            visual.append(encoder.get_image_features(pixel_values).float().cpu())
+    encoder.train(was_training)
+    return torch.cat(audio), torch.cat(visual)
+
+
+def evaluate_retrieval(model, dataset, batch_size: int = 32, device=None, progress: bool = False) -> dict[str, float]:
+    """Audio -> visual and visual -> audio R@1/5/10 and median rank over a transformed dataset (see
+    [`cavmae_hf.metrics.retrieval_metrics`])."""
+    audio, visual = retrieval_embeddings(model, dataset, batch_size=batch_size, device=device, progress=progress)
+    return retrieval_metrics(audio, visual)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration helpers
+# ----------------------------------------------------------------------------------------------------------------
+def parse_config_overrides(text: str | None) -> dict:
+    """`"hidden_size=192,num_attention_heads=3,norm_pix_loss=false"` -> a dict of typed values."""
+    overrides = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        if "=" not in item:
+            raise ValueError(f"config override {item!r} is not name=value.")
+        name, value = (piece.strip() for piece in item.split("=", 1))
+        overrides[name] = json.loads(value.lower()) if value.lower() in ("true", "false", "null") else _number(value)
+    return overrides
+
+
+def _number(value: str):
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            continue
+    return value
+
+
+def data_config_consistent(config: CavMaeConfig, audio_length: int, num_mel_bins: int, image_size: int):
+    """Raise if the data arguments do not fit the model's input sizes."""
+    given = {"audio_length": audio_length, "num_mel_bins": num_mel_bins, "image_size": image_size}
+    expected = {name: getattr(config, name) for name in given}
+    wrong = {name: (given[name], expected[name]) for name in expected if given[name] != expected[name]}
+    if wrong:
+        details = ", ".join(f"{name}={g} but the model has {e}" for name, (g, e) in wrong.items())
+        raise ValueError(f"Data arguments do not fit the model: {details}.")
+
+
+__all__ = [
+    "CavMaeTrainer",
+    "CavMaeTrainingArguments",
+    "DataArguments",
+    "LOSS_COMPONENTS",
+    "WeightAveragingCallback",
+    "average_checkpoints",
+    "average_epoch_checkpoints",
+    "checkpoint_epochs",
+    "data_config_consistent",
+    "evaluate_retrieval",
+    "feature_extractor_from_data_args",
+    "freeze_backbone",
+    "is_head_parameter",
+    "load_clip_dataset",
+    "load_train_and_eval_datasets",
+    "parse_config_overrides",
+    "reference_step_multiplier",
+    "reference_step_schedule",
+    "resolve_checkpoint",
+    "retrieval_embeddings",
+]
