@@ -14,7 +14,13 @@ from safetensors.torch import load_file
 from transformers import EvalPrediction, HfArgumentParser
 
 from cavmae_hf import CavMaeConfig, CavMaeFeatureExtractor, CavMaeForAudioVisualClassification, CavMaeForPreTraining
-from cavmae_hf.data import dataset_from_folder, decode_clips, finetuning_transforms, pretraining_transforms
+from cavmae_hf.data import (
+    dataset_from_folder,
+    decode_clips,
+    finetuning_transforms,
+    pretraining_transforms,
+    with_transform,
+)
 from cavmae_hf.metrics import (
     accuracy,
     classification_metrics,
@@ -138,6 +144,19 @@ def test_finetuning_multi_frame_evaluation_and_metrics(tmp_path, clips, extracto
 
     multi_label = classification_trainer(tmp_path / "ml", clips, extractor, problem_type="multi_label_classification")
     assert {"eval_mAP", "eval_mAUC", "eval_d_prime", "eval_accuracy"} <= set(multi_label.evaluate())
+
+
+def test_streaming_training_with_an_iterable_dataset(tmp_path, clips, extractor):
+    train, _ = finetuning_transforms(extractor, num_labels=NUM_CLASSES, freqm=4, timem=8)
+    config = CavMaeConfig(**tiny_config_kwargs(num_labels=NUM_CLASSES))
+    trainer = CavMaeTrainer(
+        model=CavMaeForAudioVisualClassification(config),
+        args=tiny_args(tmp_path, max_steps=4, steps_per_epoch=2, lr_decay_start=1, lr_decay_every=1, lr_decay=0.5),
+        train_dataset=with_transform(clips.to_iterable_dataset(), train, batch_size=4),
+    )
+    trainer.train()
+    rates = [entry["learning_rate"] for entry in trainer.state.log_history if "loss" in entry]
+    assert trainer.state.global_step == 4 and rates == [1e-3, 1e-3, 5e-4, 5e-4]
 
 
 def test_head_learning_rate_and_reference_optimizer(tmp_path, clips, extractor):
