@@ -74,9 +74,11 @@ def child(name: str, batch_size: int, steps: int, device: torch.device, threads:
         loss.backward()
         optimizer.step()
 
-    for _ in range(steps - 1):
+    for _ in range(steps):
         step()
     result = {"rss_before_model_gib": rss_before_model}
+    # the RSS peak of the plain steps, before the profiled step below adds the profiler's own memory
+    result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -94,16 +96,16 @@ def child(name: str, batch_size: int, steps: int, device: torch.device, threads:
         static += audio.numel() * audio.element_size() + frames.numel() * frames.element_size()
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
             step()
+        # every allocation (+) and free (-) of the step, in time order
         events = sorted(
-            (e for e in profiler.events() if e.name == "[memory]"), key=lambda e: e.time_range.start
+            (e.start_ns(), e.nbytes()) for e in profiler.profiler.kineto_results.events() if e.name() == "[memory]"
         )
         running = peak = 0
-        for event in events:
-            running += event.cpu_memory_usage
+        for _, nbytes in events:
+            running += nbytes
             peak = max(peak, running)
         result["live_peak_gib"] = (static + peak) / 2**30
         result["static_gib"] = static / 2**30
-    result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     result["trainable_parameters"] = sum(p.numel() for p in parameters)
     return result
 
@@ -111,7 +113,7 @@ def child(name: str, batch_size: int, steps: int, device: torch.device, threads:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=3, help="steps per process (the last one is measured)")
+    parser.add_argument("--steps", type=int, default=3, help="plain steps per process (RSS peak), then one profiled")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=DEFAULT_CONFIGS)
@@ -127,7 +129,9 @@ def main():
 
     names = [n for n in args.configs if not CONFIGS[n].get("reference") or reference_src() is not None]
     print(describe_machine())
-    print(f"pretraining step, ViT-B, batch {args.batch_size}, AdamW (fused); one fresh process per configuration")
+    malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+    print(f"pretraining step, ViT-B, batch {args.batch_size}, AdamW (fused); one fresh process per configuration; "
+          f"allocator settings: {malloc or 'glibc defaults'}")
     results = {}
     for name in names:
         command = [sys.executable, os.path.abspath(__file__), "--child", name, "--batch-size", str(args.batch_size),

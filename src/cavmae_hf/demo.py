@@ -56,6 +56,7 @@ SIZES = {
         num_classes=10,
         clips_per_class=64,
         duration=2.56,
+        fps=4,
         audio_length=256,
         num_mel_bins=64,
         image_size=96,
@@ -76,6 +77,7 @@ SIZES = {
         num_classes=4,
         clips_per_class=30,
         duration=1.28,
+        fps=8,
         audio_length=128,
         num_mel_bins=32,
         image_size=32,
@@ -100,6 +102,7 @@ class DemoSettings:
     num_classes: int
     clips_per_class: int
     duration: float
+    fps: int
     audio_length: int
     num_mel_bins: int
     image_size: int
@@ -581,6 +584,7 @@ def _run_steps(settings: DemoSettings, threads: int | None) -> dict:
         clips_per_class=settings.clips_per_class,
         duration=settings.duration,
         image_size=settings.image_size,
+        fps=settings.fps,
         seed=settings.seed,
         progress=settings.progress,
     )
