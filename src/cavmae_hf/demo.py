@@ -371,9 +371,7 @@ def finetune(settings, train_set, test_set, feature_extractor, pretrained_dir: P
 def classify_video(model_dir: Path, video: Path):
     """Top-3 predictions for one mp4, through the registered pipeline (or the model directly if it is absent)."""
     try:
-        from transformers import pipeline
-
-        from . import pipelines  # noqa: F401  (registers the task)
+        from transformers import pipeline  # the task is registered by `import cavmae_hf`
 
         classifier = pipeline("audio-visual-classification", model=str(model_dir))
         return classifier(str(video), top_k=3), "pipeline('audio-visual-classification')"
