@@ -60,12 +60,28 @@ def median(values) -> float:
 
 
 def matmul_gflops(device: torch.device, size: int = 4096, dtype=torch.float32) -> float:
-    """Throughput of one large square matmul (GFLOP/s), the reference point for achieved throughput."""
+    """Throughput of one large square `torch.mm` (GFLOP/s), the reference point for achieved throughput."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     out = torch.empty(size, size, device=device, dtype=dtype)
     torch.mm(a, b, out=out)  # warm-up (and first-touch of `out`)
     seconds = timed(lambda: torch.mm(a, b, out=out), device)
+    return 2 * size**3 / seconds / 1e9
+
+
+def onednn_matmul_gflops(size: int = 4096) -> float | None:
+    """
+    Throughput of the same float32 product through oneDNN (`torch.ops.mkldnn._linear_pointwise`), on CPU. On x86
+    CPUs where MKL's sgemm (behind `torch.mm`) runs its AVX2 kernels although AVX-512 is available (non-Intel CPUs),
+    this is the higher of the two, the real float32 matmul peak of the cores. None without oneDNN.
+    """
+    try:
+        linear = torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):
+        return None
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    linear(a, b, None, "none", [], "")
+    seconds = timed(lambda: linear(a, b, None, "none", [], ""), torch.device("cpu"))
     return 2 * size**3 / seconds / 1e9
 
 

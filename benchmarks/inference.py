@@ -17,6 +17,7 @@ Each task's outputs are compared between ours and the original (max abs differen
 """
 
 import argparse
+import copy
 
 import torch
 
@@ -57,8 +58,11 @@ def main():
     ref_finetune = build_reference(models, "finetune", ft_config, NUM_LABELS).to(device).eval() if models else None
     encoders, classifiers = {}, {}
     for implementation in args.attn:
-        pretraining = CavMaeForPreTraining._from_config(config, attn_implementation=implementation)
-        classifier = CavMaeForAudioVisualClassification._from_config(ft_config, attn_implementation=implementation)
+        # copies of the configs: the attention implementation is set on the config
+        pretraining = CavMaeForPreTraining._from_config(copy.deepcopy(config), attn_implementation=implementation)
+        classifier = CavMaeForAudioVisualClassification._from_config(
+            copy.deepcopy(ft_config), attn_implementation=implementation
+        )
         if models:
             load_reference_weights_into(pretraining, ref_pretrain)
             load_reference_weights_into(classifier, ref_finetune)

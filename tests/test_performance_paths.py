@@ -12,6 +12,7 @@ import torch
 from conftest import tiny_config_kwargs
 
 from cavmae_hf import CavMaeConfig, CavMaeForAudioVisualClassification, CavMaeForPreTraining, CavMaeModel
+from cavmae_hf import modeling_cav_mae as modeling
 from cavmae_hf.modeling_cav_mae import CavMaeMLP
 
 
@@ -153,6 +154,41 @@ def test_hooked_or_replaced_linears_take_the_plain_path(tiny_config):
     layer.attention.qkv.register_forward_pre_hook(lambda *args: calls.append("qkv"))
     model(audio, images, *noise).loss.backward()
     assert calls == ["qkv", "fc2"]
+
+
+# oneDNN products on CPU ------------------------------------------------------------------------------------------
+@pytest.fixture
+def onednn_switch():
+    saved = modeling.ONEDNN_CPU_LINEAR
+    yield
+    modeling.ONEDNN_CPU_LINEAR = saved
+
+
+@pytest.mark.skipif(modeling._ONEDNN_LINEAR is None, reason="PyTorch built without oneDNN")
+def test_onednn_linear_products_match_the_default_ones(tiny_config, onednn_switch, monkeypatch):
+    model = CavMaeForPreTraining(tiny_config).train()
+    audio, images, noise = make_inputs(tiny_config)
+    modeling.ONEDNN_CPU_LINEAR = False
+    default_out, default = pretraining_gradients(model, audio, images, noise)
+    calls = []
+    onednn = modeling._ONEDNN_LINEAR
+    monkeypatch.setattr(modeling, "_ONEDNN_LINEAR", lambda *args: calls.append(1) or onednn(*args))
+    modeling.ONEDNN_CPU_LINEAR = True
+    onednn_out, through_onednn = pretraining_gradients(model, audio, images, noise)
+    # every linear layer of the encoder and decoder, forward and both backward products
+    linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert len(calls) >= 2 * linears
+    assert torch.allclose(default_out.loss, onednn_out.loss, atol=1e-5)
+    assert torch.allclose(default_out.visual_logits, onednn_out.visual_logits, atol=1e-5)
+    assert_same_gradients(default, through_onednn, atol=1e-5)
+    calls.clear()
+    with torch.no_grad():
+        model.eval()(audio, images, *noise)
+    assert calls  # inference takes the same products
+    calls.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(audio, images, *noise)
+    assert not calls  # autocast keeps its own (lower-precision) products
 
 
 # Gradient checkpointing ------------------------------------------------------------------------------------------
