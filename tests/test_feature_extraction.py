@@ -216,3 +216,67 @@ def test_save_and_reload(tmp_path):
     for loaded in (CavMaeFeatureExtractor.from_pretrained(tmp_path), AutoFeatureExtractor.from_pretrained(tmp_path)):
         assert isinstance(loaded, CavMaeFeatureExtractor)
         assert loaded.to_dict() == extractor.to_dict()
+
+
+# Byte order, sampling-rate types, multi-frame images, 16-bit arrays ------------------------------------------------
+@pytest.mark.parametrize("dtype", [">f4", ">f8", ">i2", ">i4"])
+def test_big_endian_audio_gives_the_native_result(dtype):
+    """Big-endian arrays (read from AIFF / raw big-endian PCM) give exactly what the same values in native order
+    give, alone, in a list and as a 2-D batch."""
+    extractor = CavMaeFeatureExtractor(max_length=64, num_mel_bins=32)
+    wave = np.random.default_rng(1).standard_normal(8000) * 0.1
+    native = (wave * 32767 if "i2" in dtype else wave * 2**30 if "i4" in dtype else wave).astype(dtype[1:])
+    swapped = native.astype(dtype)
+    assert not swapped.dtype.isnative and np.array_equal(swapped, native)
+    expected = extractor(native, sampling_rate=16000, return_tensors="pt")["input_features"]
+    for audio in (swapped, [swapped, swapped], np.stack([swapped, swapped])):
+        got = extractor(audio, sampling_rate=16000, return_tensors="pt")["input_features"]
+        assert torch.equal(got, expected.expand(len(got), -1, -1))
+
+
+def test_big_endian_and_16_bit_grey_image_arrays():
+    """A 2-D uint16 array is a 16-bit grey image (scaled to 8 bits, as a 16-bit PNG is); in big-endian order it
+    gives the same pixels, as do big-endian RGB uint16 arrays."""
+    extractor = CavMaeFeatureExtractor(image_size=32)
+    grey = np.random.default_rng(2).integers(0, 256, (40, 50)).astype(np.uint16) * 257
+    from_pil = extractor(images=Image.fromarray(grey), return_tensors="pt")["pixel_values"]
+    eight_bit = extractor(images=(grey // 257).astype(np.uint8), return_tensors="pt")["pixel_values"]
+    assert torch.equal(from_pil, eight_bit)
+    for array in (grey, grey.astype(">u2")):
+        assert torch.equal(extractor(images=array, return_tensors="pt")["pixel_values"], from_pil)
+    rgb = np.stack([grey, grey, grey], axis=-1)
+    assert torch.equal(
+        extractor(images=rgb.astype(">u2"), return_tensors="pt")["pixel_values"],
+        extractor(images=rgb, return_tensors="pt")["pixel_values"],
+    )
+
+
+@pytest.mark.parametrize("rate", [16000.0, np.float32(16000), np.int64(16000), np.uint16(16000)])
+def test_a_whole_number_sampling_rate_of_any_numeric_type_is_accepted(rate, recwarn):
+    extractor = CavMaeFeatureExtractor(max_length=64, num_mel_bins=32)
+    wave = np.random.default_rng(3).standard_normal(8000).astype(np.float32) * 0.1
+    expected = extractor(wave, sampling_rate=16000, return_tensors="pt")["input_features"]
+    assert torch.equal(extractor(wave, sampling_rate=rate, return_tensors="pt")["input_features"], expected)
+    assert not recwarn.list
+
+
+@pytest.mark.parametrize("rate", [16000.5, "16000", True, float("nan"), float("inf"), [16000]])
+def test_a_sampling_rate_that_is_no_whole_number_is_refused_by_name(rate):
+    with pytest.raises(CavMaeFeatureExtractionError, match=r"sampling_rate must be a whole number of Hz"):
+        CavMaeFeatureExtractor()(np.zeros(16000, np.float32), sampling_rate=rate)
+
+
+def test_a_whole_float_rate_that_differs_is_named_as_an_int():
+    with pytest.raises(CavMaeFeatureExtractionError, match=r"at 8000 Hz .*media\.resample\(audio, 8000, 16000\)"):
+        CavMaeFeatureExtractor()(np.zeros(16000, np.float32), sampling_rate=8000.0)
+
+
+def test_an_animation_left_at_a_later_frame_gives_its_first_frame(tmp_path):
+    extractor = CavMaeFeatureExtractor(image_size=32)
+    frames = [Image.fromarray(np.full((40, 60, 3), value, np.uint8)) for value in (10, 200, 90)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=100)
+    first = extractor(images=np.full((40, 60, 3), 10, np.uint8), return_tensors="pt")["pixel_values"]
+    with Image.open(tmp_path / "anim.gif") as animation:
+        animation.seek(2)  # e.g. after a caller looked at the last frame
+        assert torch.equal(extractor(images=animation, return_tensors="pt")["pixel_values"], first)
+        assert torch.equal(extractor(images=[animation, animation], return_tensors="pt")["pixel_values"][1], first[0])

@@ -1,5 +1,6 @@
 """Decoding real files written with PyAV: audio track, frame sampling, codecs, frame rates, and errors."""
 
+import re
 from fractions import Fraction
 
 import av
@@ -211,3 +212,34 @@ def test_frames_folder_of_the_reference_layout(tmp_path):
     assert len(frames) == 3 and frames[0].mode == "RGB"
     with pytest.raises(MediaError, match="Frame 3 of vid not found"):
         media.load_frames_folder(tmp_path, "vid", num_frames=4)
+
+
+@pytest.mark.parametrize("bad", [0, -16000, 16000.5, "16000", True, float("nan")])
+def test_sampling_rates_must_be_positive_whole_numbers(tmp_path, bad):
+    """Every media function taking a rate refuses a rate that is no positive whole number, naming the argument,
+    before anything is read or written."""
+    wav = media.write_audio(tmp_path / "tone.wav", tone(440, 0.5), AUDIO_RATE)
+    clip = media.write_video(tmp_path / "clip.mp4", colour_ramp(5), tone(440, 0.5), fps=25, sampling_rate=AUDIO_RATE)
+    message = r"must be a positive whole number of Hz, got " + re.escape(repr(bad))
+    calls = {
+        "target_rate": lambda: media.resample(tone(440, 0.1), AUDIO_RATE, bad),
+        "orig_rate": lambda: media.resample(tone(440, 0.1), bad, 16000),
+        "sampling_rate": lambda: media.load_audio(wav, sampling_rate=bad),
+    }
+    calls_sampling = [
+        lambda: media.load_video(clip, sampling_rate=bad),
+        lambda: media.write_audio(tmp_path / "out.wav", tone(440, 0.1), bad),
+        lambda: media.write_audio(tmp_path / "out.mp3", tone(440, 0.1), bad),
+        lambda: media.write_video(tmp_path / "out.mp4", colour_ramp(2), tone(440, 0.1), sampling_rate=bad),
+    ]
+    for name, call in [*calls.items(), *(("sampling_rate", call) for call in calls_sampling)]:
+        with pytest.raises(MediaError, match=f"^{name} {message}"):
+            call()
+    assert not list(tmp_path.glob("out.*"))  # nothing half-written
+
+
+def test_whole_float_sampling_rates_are_taken_as_ints(tmp_path):
+    assert len(media.resample(tone(1000, 1.0, 48000), 48000.0, 16000.0)) == 16000
+    wav = media.write_audio(tmp_path / "tone.wav", tone(440, 0.5), float(AUDIO_RATE))
+    waveform, rate = media.load_audio(wav, sampling_rate=8000.0)
+    assert rate == 8000 and type(rate) is int and len(waveform) == 4000

@@ -1,9 +1,8 @@
 """
 Input validation at the public edges (issue 7): the feature extractor, the model forwards, the pipelines, the
 command line, the checkpoint converter and retrieval indices. Every case asserts the specific error (a `ValueError`
-subclass naming the problem) or, where the input is legitimate, the correct output.
-
-Cases a file owned elsewhere does not handle yet are marked `xfail(strict=True)` with the fix in the reason.
+subclass naming the problem) or, where the input is legitimate, the correct output. Every error class of the package
+derives from `cavmae_hf.CavMaeError`.
 """
 
 import contextlib
@@ -260,15 +259,131 @@ def test_inputs_of_another_float_dtype_are_cast(models, dtype):
     assert out.audio_embeds.dtype == torch.float32 and torch.isfinite(out.pooler_output).all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="modeling_cav_mae.validate_inputs accepts pixel_values [B, 0, 3, H, W]; the classifier then fails in a "
-    "reshape; fix: raise CavMaeInputError('`pixel_values` has 0 frames') when a 5-D pixel_values has shape[1] == 0",
-)
 def test_zero_frames_are_named(models):
-    with pytest.raises(CavMaeInputError, match="0 frames"):
-        models["classifier"](pixel_values=torch.randn(1, 0, 3, 32, 32))
+    for kwargs in (
+        dict(pixel_values=torch.randn(1, 0, 3, 32, 32)),
+        dict(input_features=torch.randn(AUDIO), pixel_values=torch.randn(1, 0, 3, 32, 32)),
+    ):
+        with pytest.raises(CavMaeInputError, match=r"`pixel_values` has 0 frames \(shape \(1, 0, 3, 32, 32\)\)"):
+            models["classifier"](**kwargs)
+
+
+PATCHES = {"audio_noise": 32, "visual_noise": 16}  # tiny config: (64 / 8) x (32 / 8) audio, (32 / 8)^2 visual
+
+
+@pytest.mark.parametrize("name", list(PATCHES))
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda n: torch.full((1, n), float("nan")), "contains NaN or Inf values"),
+        (lambda n: torch.rand(1, n).index_fill_(1, torch.tensor([3]), float("inf")), "contains NaN or Inf values"),
+        (lambda n: torch.rand(1, n).index_fill_(1, torch.tensor([0]), float("-inf")), "contains NaN or Inf values"),
+        (lambda n: torch.rand(n), r"must have shape \(1, \d+\) \(batch, patches\), got \(\d+,\)"),
+        (lambda n: torch.rand(2, n), r"must have shape \(1, \d+\) \(batch, patches\), got \(2, \d+\)"),
+        (lambda n: torch.rand(1, n + 1), r"must have shape \(1, \d+\)"),
+        (lambda n: np.random.rand(1, n), "must be a torch.Tensor of shape .* got ndarray"),
+        (lambda n: torch.ones(1, n, dtype=torch.bool), "must hold real numbers .* got torch.bool"),
+        (lambda n: torch.ones(1, n, dtype=torch.complex64), "must hold real numbers .* got torch.complex64"),
+    ],
+)
+def test_pretraining_noise_is_checked(models, name, make, message):
+    with pytest.raises(CavMaeInputError, match=f"`{name}` {message}"):
+        models["pretraining"](torch.randn(AUDIO), torch.randn(FRAMES), **{name: make(PATCHES[name])})
+
+
+def test_good_noise_fixes_the_mask_whatever_its_real_dtype(models):
+    noise = {name: torch.rand(1, count) for name, count in PATCHES.items()}
+    inputs = (torch.randn(AUDIO), torch.randn(FRAMES))
+    with torch.no_grad():
+        first = models["pretraining"](*inputs, **noise)
+        again = models["pretraining"](*inputs, **{k: v.double() for k, v in noise.items()})
+        ranks = models["pretraining"](*inputs, **{k: v.argsort().argsort() for k, v in noise.items()})  # int64
+    assert torch.equal(first.audio_mask, again.audio_mask) and torch.equal(first.visual_mask, ranks.visual_mask)
+    assert torch.allclose(first.loss, again.loss) and int(first.audio_mask.sum()) == 24  # 75 % of 32 masked
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Classification labels
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def labelled():
+    """A classifier (3 labels) and a batch of two clips."""
+    torch.manual_seed(1)
+    model = CavMaeForAudioVisualClassification(CavMaeConfig(**tiny_config_kwargs(num_labels=3))).eval()
+    return model, dict(input_features=torch.randn(2, 64, 32), pixel_values=torch.randn(2, 3, 32, 32))
+
+
+SINGLE, MULTI, REGRESSION = "single_label_classification", "multi_label_classification", "regression"
+LABEL_CASES = [
+    (SINGLE, torch.tensor([0, 3]), r"class indices in \[0, 2\] \(or -100 to ignore a clip\); got \[3\]"),
+    (SINGLE, torch.tensor([-1, 1]), r"got \[-1\]. num_labels is 3"),
+    (SINGLE, torch.tensor([0, 1, 2]), r"`labels` has shape \(3,\) but the batch holds 2 clip"),
+    (SINGLE, torch.tensor([1]), r"has shape \(1,\) but the batch holds 2"),
+    (SINGLE, torch.tensor(1), r"has shape \(\) but the batch holds 2"),
+    (SINGLE, torch.tensor([[0, 1, 1], [1, 0, 0]]), r"problem_type = 'multi_label_classification'"),
+    (SINGLE, torch.tensor([0.0, float("nan")]), "`labels` contains NaN or Inf"),
+    (SINGLE, torch.tensor([0.5, 1.0]), "whole class indices, got fractional values"),
+    (SINGLE, torch.tensor([True, False]), "class indices \\(integers\\), got bool"),
+    (SINGLE, torch.tensor([[0.2, 0.9, 0.1], [0.1, 0.1, 0.8]]) * 2, r"Soft-target `labels` must lie in \[0, 1\]"),
+    (SINGLE, torch.full((2, 4), 0.25), r"Soft-target `labels` must have shape \(2, 3\)"),
+    (SINGLE, [0, 1], "`labels` must be a torch.Tensor, got list"),
+    (MULTI, torch.ones(2, 4), r"Multi-label `labels` must have shape \(2, 3\) \(batch, num_labels\), got \(2, 4\)"),
+    (MULTI, torch.ones(3, 3), r"has shape \(3, 3\) but the batch holds 2"),
+    (MULTI, torch.tensor([[0.0, float("nan"), 1.0], [0.0, 0.0, 1.0]]), "contains NaN or Inf"),
+    (MULTI, torch.tensor([[0.0, 2.0, 1.0], [0.0, 0.0, 1.0]]), r"must lie in \[0, 1\], got values from 0 to 2"),
+    (MULTI, torch.tensor([1, 2]), r"Multi-label `labels` must have shape \(2, 3\)"),
+    (REGRESSION, torch.ones(2), r"Regression `labels` must have shape \(2, 3\) \(batch, num_labels\), got \(2,\)"),
+    (REGRESSION, torch.tensor([[1.0, float("inf"), 0.0]] * 2), "contains NaN or Inf"),
+]
+
+
+@pytest.mark.parametrize("problem_type,labels,message", LABEL_CASES)
+def test_bad_labels_are_named(labelled, problem_type, labels, message):
+    model, inputs = labelled
+    model.config.problem_type = problem_type
+    try:
+        with pytest.raises(CavMaeInputError, match=message), torch.no_grad():
+            model(**inputs, labels=labels)
+    finally:
+        model.config.problem_type = None
+
+
+def test_legitimate_labels_give_the_expected_loss(labelled):
+    model, inputs = labelled
+    functional = torch.nn.functional
+    try:
+        with torch.no_grad():
+            logits = model(**inputs).logits
+            model.config.problem_type = SINGLE
+            for labels in (torch.tensor([2, 0]), torch.tensor([[2], [0]]), torch.tensor([2.0, 0.0])):
+                expected = functional.cross_entropy(logits, torch.tensor([2, 0]))
+                assert torch.allclose(model(**inputs, labels=labels).loss, expected)
+            ignored = model(**inputs, labels=torch.tensor([-100, 1])).loss  # cross_entropy's ignore_index
+            assert torch.allclose(ignored, functional.cross_entropy(logits[1:], torch.tensor([1])))
+            soft = torch.tensor([[0.1, 0.8, 0.1], [0.5, 0.25, 0.25]])
+            assert torch.allclose(model(**inputs, labels=soft).loss, functional.cross_entropy(logits, soft))
+            model.config.problem_type = MULTI
+            multi_hot = torch.tensor([[1, 0, 1], [0, 0, 0]])
+            expected = functional.binary_cross_entropy_with_logits(logits, multi_hot.float())
+            assert torch.allclose(model(**inputs, labels=multi_hot).loss, expected)
+            model.config.problem_type = REGRESSION
+            values = torch.randn(2, 3)
+            assert torch.allclose(model(**inputs, labels=values).loss, functional.mse_loss(logits, values))
+    finally:
+        model.config.problem_type = None
+
+
+def test_one_output_regression_takes_a_vector_of_targets():
+    model = CavMaeForAudioVisualClassification(CavMaeConfig(**tiny_config_kwargs(num_labels=1))).eval()
+    inputs = dict(input_features=torch.randn(2, 64, 32))
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        targets = torch.tensor([0.5, -1.0])
+        expected = torch.nn.functional.mse_loss(logits[:, 0], targets)
+        for labels in (targets, targets[:, None]):
+            assert torch.allclose(model(**inputs, labels=labels).loss, expected)
+        with pytest.raises(CavMaeInputError, match=r"Regression `labels` must have shape \(2, 1\) .* or \(2,\)"):
+            model(**inputs, labels=torch.ones(2, 2))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -646,3 +761,61 @@ def test_queries_and_index_paths(tmp_path):
 def test_load_clip_is_the_pipelines_front_door(workspace):
     with pytest.raises(CavMaeInputError, match="got list"):
         load_clip([str(workspace / "clip.mp4")])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One base class for every error of the package
+# ----------------------------------------------------------------------------------------------------------------
+def _error_classes():
+    from cavmae_hf.configuration_cav_mae import CavMaeConfigError
+    from cavmae_hf.media import MediaError
+    from cavmae_hf.model_card import ModelCardError
+
+    return [
+        CavMaeConfigError,
+        CavMaeInputError,
+        CavMaeFeatureExtractionError,
+        MediaError,
+        CheckpointConversionError,
+        CheckpointLoadError,
+        ModelCardError,
+        RetrievalError,
+        cli.UsageError,
+    ]
+
+
+def test_every_error_class_derives_from_cavmae_error():
+    import cavmae_hf
+    from cavmae_hf.configuration_cav_mae import CavMaeError
+
+    assert cavmae_hf.CavMaeError is CavMaeError and "CavMaeError" in cavmae_hf.__all__
+    assert issubclass(CavMaeError, ValueError) and CavMaeError is not ValueError
+    for error_class in _error_classes():
+        assert issubclass(error_class, CavMaeError) and issubclass(error_class, ValueError), error_class
+        assert error_class is not CavMaeError
+
+
+def test_except_cavmae_error_catches_every_area(tmp_path):
+    from cavmae_hf import CavMaeError, media
+    from cavmae_hf.model_card import card_metadata
+
+    index = RetrievalIndex(["a"], {"audio": torch.randn(1, 4)})
+    failures = {
+        "CavMaeConfigError": lambda: CavMaeConfig(**tiny_config_kwargs(hidden_size=30)),
+        "CavMaeInputError": lambda: CavMaeModel(CavMaeConfig(**tiny_config_kwargs()))(torch.randn(64, 32)),
+        "CavMaeFeatureExtractionError": lambda: CavMaeFeatureExtractor()(np.zeros(10, np.float32), sampling_rate=RATE),
+        "MediaError": lambda: media.load_video(tmp_path / "missing.mp4"),
+        "CheckpointConversionError": lambda: read_label_csv(tmp_path / "missing.csv"),
+        "CheckpointLoadError": lambda: load_model(tmp_path / "nowhere"),
+        "ModelCardError": lambda: card_metadata("no front matter"),
+        "RetrievalError": lambda: index.search(torch.randn(5), "audio"),
+        "UsageError": lambda: cli.main(["--debug", "classify", str(tmp_path), "--model", str(tmp_path)]),
+    }
+    assert set(failures) == {error_class.__name__ for error_class in _error_classes()}
+    for name, fail in failures.items():
+        try:
+            fail()
+        except CavMaeError as error:
+            assert type(error).__name__ == name, (name, error)
+        else:
+            pytest.fail(f"{name}: nothing raised")

@@ -1,6 +1,6 @@
 """CAV-MAE (Contrastive Audio-Visual Masked Autoencoder) for Hugging Face Transformers."""
 
-from .configuration_cav_mae import CavMaeConfig
+from .configuration_cav_mae import CavMaeConfig, CavMaeConfigError, CavMaeError
 from .feature_extraction_cav_mae import CavMaeFeatureExtractor
 from .modeling_cav_mae import (
     CavMaeForAudioVisualClassification,
@@ -16,6 +16,8 @@ register_auto_classes()
 
 __all__ = [
     "CavMaeConfig",
+    "CavMaeConfigError",
+    "CavMaeError",
     "CavMaeFeatureExtractor",
     "CavMaeModel",
     "CavMaePreTrainedModel",

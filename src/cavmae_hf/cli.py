@@ -19,10 +19,12 @@ import json
 import sys
 from pathlib import Path
 
+from .configuration_cav_mae import CavMaeError
+
 EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE = 0, 1, 2
 
 
-class UsageError(ValueError):
+class UsageError(CavMaeError):
     """The command line asks for something that cannot be done (bad combination of options, missing files)."""
 
 

@@ -7,7 +7,15 @@ CLASSIFICATION_MODES = ("multimodal", "audio", "visual")
 CONTRASTIVE_NEGATIVES = ("global", "local")
 
 
-class CavMaeConfigError(ValueError):
+class CavMaeError(ValueError):
+    """
+    The base of every error cavmae-hf raises on purpose (bad inputs, files, checkpoints, options): one
+    `except CavMaeError` catches them all. A `ValueError`, so code written against `ValueError` keeps working.
+    Defined here, in a module with no heavy imports, so that every other module can derive from it.
+    """
+
+
+class CavMaeConfigError(CavMaeError):
     """A CAV-MAE configuration value is out of range or inconsistent with another one."""
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .configuration_cav_mae import CavMaeConfig
+from .configuration_cav_mae import CavMaeConfig, CavMaeError
 from .feature_extraction_cav_mae import CavMaeFeatureExtractor
 from .modeling_cav_mae import CavMaeForAudioVisualClassification, CavMaeForPreTraining, CavMaeModel
 
@@ -30,7 +30,7 @@ AUDIOSET_NUM_LABELS = 527
 VGGSOUND_NUM_LABELS = 309
 
 
-class CheckpointConversionError(ValueError):
+class CheckpointConversionError(CavMaeError):
     """The file is not an original CAV-MAE checkpoint, or some of its keys or shapes cannot be mapped."""
 
 

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from transformers.feature_extraction_utils import BatchFeature, FeatureExtractionMixin
 
+from .configuration_cav_mae import CavMaeError
+
 try:  # PIL is a dependency of the package; the guard keeps audio-only trust_remote_code users working without it
     from PIL import Image, ImageOps
 except ImportError:  # pragma: no cover
@@ -28,7 +30,7 @@ CPU_CHUNK_ELEMENTS = 1 << 20  # FFT input samples per chunk on CPU: 2048 frames 
 ACCELERATOR_CHUNK_ELEMENTS = 1 << 26
 
 
-class CavMaeFeatureExtractionError(ValueError):
+class CavMaeFeatureExtractionError(CavMaeError):
     """An audio or image input cannot be turned into CAV-MAE features; the message says why."""
 
 
@@ -263,7 +265,13 @@ def _as_tensor(array) -> torch.Tensor:
         )
     if array.dtype == object:
         raise CavMaeFeatureExtractionError("Audio could not be read as a numeric array (ragged or mixed values).")
-    return torch.from_numpy(np.ascontiguousarray(array))
+    return torch.from_numpy(np.ascontiguousarray(_native_byte_order(array)))
+
+
+def _native_byte_order(array: np.ndarray) -> np.ndarray:
+    """`array` in the machine's byte order: big-endian data (`>f4`, `>i2`, as read from some WAV/AIFF/raw files)
+    is converted, since torch cannot hold it and numpy compares `>u2` unequal to `uint16`."""
+    return array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
 
 
 def _to_float(waveform: torch.Tensor) -> torch.Tensor:
@@ -329,6 +337,13 @@ def _split_audio_batch(audio) -> list:
     raise CavMaeFeatureExtractionError(f"Unsupported audio input of type {type(audio).__name__}.")
 
 
+def _is_whole_number(value) -> bool:
+    """An int or an integral float (16000, 16000.0, numpy scalars); not a bool, a string or 16000.5."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return False
+    return math.isfinite(value) and float(value).is_integer()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Image input handling
 # ----------------------------------------------------------------------------------------------------------------
@@ -339,10 +354,13 @@ def _is_image(value) -> bool:
 
 
 def _pil_to_rgb(image) -> "Image.Image":
-    """Any PIL mode to RGB: EXIF orientation applied; 16/32-bit grey scaled to 8 bits; alpha dropped."""
+    """Any PIL mode to RGB: the first frame of an animation, EXIF orientation applied, 16/32-bit grey scaled to
+    8 bits, alpha dropped."""
+    if getattr(image, "n_frames", 1) > 1 and image.tell() != 0:
+        # animated GIF / WebP, multi-page TIFF left at a later frame: the first frame, before exif_transpose copies
+        # whichever frame is current
+        image.seek(0)
     image = ImageOps.exif_transpose(image)
-    if getattr(image, "n_frames", 1) > 1:
-        image.seek(0)  # animated GIF / multi-page TIFF: the first frame
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         array = np.asarray(image, dtype=np.float64)
         peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
@@ -367,6 +385,7 @@ def _center_crop_box(width: int, height: int, size: int) -> tuple[int, int, int,
 
 
 def _array_to_pil(array: np.ndarray) -> "Image.Image":
+    array = _native_byte_order(array)
     if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
         array = np.transpose(array, (1, 2, 0))  # CHW -> HWC
     if array.ndim == 3 and array.shape[-1] == 1:
@@ -378,7 +397,7 @@ def _array_to_pil(array: np.ndarray) -> "Image.Image":
         )
     if array.dtype == np.uint16:
         if array.ndim == 2:
-            return Image.fromarray(array, mode="I;16")
+            return Image.fromarray(array)  # mode I;16, scaled to 8 bits by _pil_to_rgb
         return Image.fromarray((array >> 8).astype(np.uint8))
     if array.dtype != np.uint8:
         if not np.isfinite(array).all():
@@ -583,7 +602,13 @@ class CavMaeFeatureExtractor(FeatureExtractionMixin):
                 f"{self.sampling_rate} Hz. Pass sampling_rate= to have a wrong rate caught.",
                 stacklevel=3,
             )
-        elif int(sampling_rate) != self.sampling_rate:
+            return
+        if not _is_whole_number(sampling_rate):
+            raise CavMaeFeatureExtractionError(
+                f"sampling_rate must be a whole number of Hz (e.g. {self.sampling_rate}), got {sampling_rate!r}."
+            )
+        if int(sampling_rate) != self.sampling_rate:
+            sampling_rate = int(sampling_rate)
             raise CavMaeFeatureExtractionError(
                 f"The audio is at {sampling_rate} Hz but this feature extractor expects {self.sampling_rate} Hz. "
                 f"Resample it first, e.g. `cavmae_hf.media.resample(audio, {sampling_rate}, {self.sampling_rate})`, "

@@ -16,6 +16,8 @@ from string import Template
 
 import yaml
 
+from .configuration_cav_mae import CavMaeError
+
 CITATION = """## Citation
 ```bibtex
 @inproceedings{gong2023contrastive,
@@ -45,7 +47,7 @@ NORM_PIX_NOTE = (
 )
 
 
-class ModelCardError(ValueError):
+class ModelCardError(CavMaeError):
     """A model card could not be rendered into valid Hub metadata."""
 
 

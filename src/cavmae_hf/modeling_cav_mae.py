@@ -14,7 +14,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
-from .configuration_cav_mae import CavMaeConfig
+from .configuration_cav_mae import CavMaeConfig, CavMaeError
 
 logger = logging.get_logger(__name__)
 
@@ -28,7 +28,7 @@ REMOTE_CODE_AUTO_MAP = {
 }
 
 
-class CavMaeInputError(ValueError):
+class CavMaeInputError(CavMaeError):
     """An input handed to a CAV-MAE model has the wrong shape, size or values for its configuration."""
 
 
@@ -1021,6 +1021,11 @@ def validate_inputs(config: CavMaeConfig, input_features, pixel_values, allow_fr
                 f"for this model, got {tuple(pixel_values.shape)}."
                 + ("" if allow_frames else " Only CavMaeForAudioVisualClassification takes a frame axis.")
             )
+        if pixel_values.dim() == 5 and pixel_values.shape[1] == 0:
+            raise CavMaeInputError(
+                f"`pixel_values` has 0 frames (shape {tuple(pixel_values.shape)}): give at least one frame per clip, "
+                "or leave `pixel_values` out for audio-only input."
+            )
         batch_sizes["pixel_values"] = pixel_values.shape[0]
     if 0 in batch_sizes.values():
         raise CavMaeInputError("Empty batch: inputs have batch size 0.")
@@ -1221,7 +1226,7 @@ class CavMaeForPreTraining(CavMaePreTrainedModel):
     def _audio_noise(self, noise, batch_size, device):
         config = self.config
         if noise is not None:
-            return _checked_noise("audio_noise", noise, (batch_size, config.num_audio_patches))
+            return _checked_noise("audio_noise", noise, (batch_size, config.num_audio_patches), device)
         if config.audio_mask_mode == "unstructured":
             return torch.rand(batch_size, config.num_audio_patches, device=device)
         return structured_audio_noise(
@@ -1231,14 +1236,22 @@ class CavMaeForPreTraining(CavMaePreTrainedModel):
     def _visual_noise(self, noise, batch_size, device):
         shape = (batch_size, self.config.num_visual_patches)
         if noise is not None:
-            return _checked_noise("visual_noise", noise, shape)
+            return _checked_noise("visual_noise", noise, shape, device)
         return torch.rand(*shape, device=device)
 
 
-def _checked_noise(name: str, noise: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+def _checked_noise(name: str, noise: torch.Tensor, shape: tuple[int, int], device) -> torch.Tensor:
+    """`noise` on `device` once it is known to be a finite real tensor of `shape` (batch, patches): the mask keeps
+    the patches of smallest noise, which NaN (sorted last) or a wrong shape would silently change."""
+    if not isinstance(noise, torch.Tensor):
+        raise CavMaeInputError(f"`{name}` must be a torch.Tensor of shape {shape}, got {type(noise).__name__}.")
     if tuple(noise.shape) != shape:
         raise CavMaeInputError(f"`{name}` must have shape {shape} (batch, patches), got {tuple(noise.shape)}.")
-    return noise
+    if noise.dtype == torch.bool or noise.is_complex():
+        raise CavMaeInputError(f"`{name}` must hold real numbers (float or int), got {noise.dtype}.")
+    if noise.is_floating_point() and not bool(torch.isfinite(noise).all()):
+        raise CavMaeInputError(f"`{name}` contains NaN or Inf values: the mask it gives would be arbitrary.")
+    return noise.to(device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1368,17 +1381,92 @@ class CavMaeForAudioVisualClassification(CavMaePreTrainedModel):
         return (torch.logsumexp(log_probabilities, dim=1) - math.log(frame_logits.shape[1])).to(frame_logits.dtype)
 
     def compute_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """
+        The loss of `logits` `[B, num_labels]` against `labels`, per the problem type: class indices `[B]` (or soft
+        targets `[B, num_labels]`) for single-label, multi-hot targets `[B, num_labels]` in [0, 1] for multi-label,
+        values `[B]` / `[B, num_labels]` for regression. Labels of the wrong shape, batch size or range, or holding
+        NaN / Inf, raise a `CavMaeInputError` naming the problem rather than a loss that is silently wrong.
+        """
+        labels = _checked_labels(labels, logits)
         problem_type = self._problem_type
         if problem_type == "regression":
-            return nn.functional.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).squeeze(-1))
+            return nn.functional.mse_loss(logits, _regression_targets(labels, logits).to(logits.dtype))
         if problem_type == "multi_label_classification":
-            if labels.shape != logits.shape:
-                raise CavMaeInputError(
-                    f"Multi-label `labels` must have shape {tuple(logits.shape)} (batch, num_labels), "
-                    f"got {tuple(labels.shape)}."
-                )
-            return nn.functional.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
-        if labels.dim() == 2 and labels.is_floating_point():
+            return nn.functional.binary_cross_entropy_with_logits(logits, _target_matrix(labels, logits, "Multi-label"))
+        if labels.dim() == 2 and labels.is_floating_point() and labels.shape[1] > 1:
             # soft targets (e.g. mixup or label smoothing)
-            return nn.functional.cross_entropy(logits, labels.to(logits.dtype))
-        return nn.functional.cross_entropy(logits, labels.view(-1).long())
+            return nn.functional.cross_entropy(logits, _target_matrix(labels, logits, "Soft-target"))
+        return nn.functional.cross_entropy(logits, _class_indices(labels, logits))
+
+
+IGNORE_INDEX = -100  # cross_entropy's default ignore_index: a clip with this label adds nothing to the loss
+
+
+def _checked_labels(labels, logits: torch.Tensor) -> torch.Tensor:
+    """`labels` as a tensor on the logits' device, after the checks every problem type shares."""
+    if not isinstance(labels, torch.Tensor):
+        raise CavMaeInputError(f"`labels` must be a torch.Tensor, got {type(labels).__name__}.")
+    if labels.is_complex():
+        raise CavMaeInputError(f"`labels` must hold real numbers, got {labels.dtype}.")
+    if labels.dim() == 0 or labels.shape[0] != logits.shape[0]:
+        got = tuple(labels.shape)
+        raise CavMaeInputError(
+            f"`labels` has shape {got} but the batch holds {logits.shape[0]} clip(s): give one label (or one row of "
+            "targets) per clip."
+        )
+    if labels.is_floating_point() and not bool(torch.isfinite(labels).all()):
+        raise CavMaeInputError("`labels` contains NaN or Inf values.")
+    return labels.to(logits.device)
+
+
+def _target_matrix(labels: torch.Tensor, logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """Targets `[B, num_labels]` in [0, 1] for a multi-label (BCE) or soft-target (cross-entropy) loss."""
+    if labels.shape != logits.shape:
+        raise CavMaeInputError(
+            f"{kind} `labels` must have shape {tuple(logits.shape)} (batch, num_labels), got {tuple(labels.shape)}."
+        )
+    targets = labels.to(logits.dtype)
+    if bool((targets < 0).any()) or bool((targets > 1).any()):
+        raise CavMaeInputError(
+            f"{kind} `labels` must lie in [0, 1], got values from {float(targets.min()):g} to {float(targets.max()):g}."
+        )
+    return targets
+
+
+def _class_indices(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Single-label class indices `[B]` in [0, num_labels) (or `IGNORE_INDEX`) from `[B]` or `[B, 1]` labels."""
+    num_labels = logits.shape[1]
+    if labels.dim() > 2 or (labels.dim() == 2 and labels.shape[1] != 1):
+        raise CavMaeInputError(
+            f"Single-label `labels` must be class indices of shape ({logits.shape[0]},), or soft targets of shape "
+            f"{tuple(logits.shape)}, got {tuple(labels.shape)}. For several labels per clip set "
+            "config.problem_type = 'multi_label_classification' and give multi-hot targets."
+        )
+    indices = labels.reshape(-1)
+    if indices.dtype == torch.bool:
+        raise CavMaeInputError("Single-label `labels` must be class indices (integers), got bool.")
+    if indices.is_floating_point():
+        if not bool((indices == indices.round()).all()):
+            raise CavMaeInputError("Single-label `labels` must be whole class indices, got fractional values.")
+    indices = indices.long()
+    invalid = (indices != IGNORE_INDEX) & ((indices < 0) | (indices >= num_labels))
+    if bool(invalid.any()):
+        bad = sorted({int(value) for value in indices[invalid][:5]})
+        raise CavMaeInputError(
+            f"Single-label `labels` must be class indices in [0, {num_labels - 1}] (or {IGNORE_INDEX} to ignore a "
+            f"clip); got {bad}. num_labels is {num_labels}."
+        )
+    return indices
+
+
+def _regression_targets(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Regression targets with the logits' shape `[B, num_labels]`, from `[B]` (one output) or `[B, num_labels]`."""
+    if labels.shape == logits.shape:
+        return labels
+    if logits.shape[1] == 1 and labels.dim() == 1:
+        return labels.unsqueeze(1)
+    raise CavMaeInputError(
+        f"Regression `labels` must have shape {tuple(logits.shape)} (batch, num_labels)"
+        + (f" or ({logits.shape[0]},)" if logits.shape[1] == 1 else "")
+        + f", got {tuple(labels.shape)}."
+    )

@@ -38,6 +38,7 @@ from transformers.pipelines.pt_utils import PipelineDataset, PipelineIterator
 from transformers.utils import logging
 
 from . import media
+from .configuration_cav_mae import CavMaeError
 from .feature_extraction_cav_mae import CavMaeFeatureExtractionError, CavMaeFeatureExtractor
 from .modeling_cav_mae import AUDIO, JOINT, VISUAL, CavMaeInputError, validate_inputs
 
@@ -56,7 +57,7 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", 
 AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".ogg", ".mp3", ".opus", ".aac", ".m4a", ".wma", ".aiff", ".aif"})
 
 
-class CheckpointLoadError(ValueError):
+class CheckpointLoadError(CavMaeError):
     """A saved CAV-MAE directory cannot be used: missing or unreadable config or weights, weights that do not fit the
     config, a pickle that needs more than tensors (refused), or a model whose outputs are NaN / Inf."""
 
@@ -183,16 +184,10 @@ def _check_file(path: Path):
 
 
 def _probe_streams(path: Path) -> tuple[bool, bool]:
-    """(has an audio stream, has a video stream), reading only the header."""
-    import av
-
+    """(has an audio stream, has a video stream), reading only the header; an mp4 whose cut-off index hides a
+    stream is refused as truncated rather than taken for a silent (or audio-only) file."""
     _check_file(path)
-    try:
-        with av.logging.Capture(), av.open(str(path), metadata_errors="ignore") as container:  # no FFmpeg log lines
-            return bool(container.streams.audio), bool(container.streams.video)
-    except (av.error.FFmpegError, UnicodeDecodeError) as error:
-        reason = getattr(error, "strerror", None) or str(error).strip() or type(error).__name__
-        raise media.MediaError(f"{path} is not a readable media file ({reason}).") from None
+    return media.probe_streams(path)
 
 
 def _load_image(path: Path):

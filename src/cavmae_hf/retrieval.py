@@ -30,6 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from .configuration_cav_mae import CavMaeError
 from .modeling_cav_mae import AUDIO, VISUAL
 from .pipelines import (
     DEFAULT_NUM_FRAMES,
@@ -45,7 +46,7 @@ MODALITIES = (AUDIO, VISUAL)
 EMBEDDING_KEYS = {AUDIO: "audio_embeds", VISUAL: "visual_embeds"}
 
 
-class RetrievalError(ValueError):
+class RetrievalError(CavMaeError):
     """A retrieval index or query cannot be used as asked; the message says why."""
 
 
