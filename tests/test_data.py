@@ -221,7 +221,7 @@ def test_streaming_dataset(video_folder, extractor):
     assert batch["input_features"].shape == (4, AUDIO_LENGTH, MEL_BINS)
 
 
-def test_unreadable_clip_is_replaced_or_raises(tmp_path, video_folder, extractor):
+def test_unreadable_clip_stand_in_is_the_reference_behaviour_on_request(tmp_path, video_folder, extractor):
     import datasets
 
     dataset = dataset_from_folder(video_folder)
@@ -230,10 +230,14 @@ def test_unreadable_clip_is_replaced_or_raises(tmp_path, video_folder, extractor
     rows = dataset.to_dict()
     rows["video"][0] = str(broken)
     dataset = datasets.Dataset.from_dict(rows, features=dataset.features)
-    batch = dataset.with_transform(AudioVisualTransform(extractor))[:2]
+    transform = AudioVisualTransform(extractor, on_error="stand_in")
+    batch = dataset.with_transform(transform)[:2]
     expected = (0.01 - extractor.audio_mean) / extractor.audio_std
     assert torch.allclose(batch["input_features"][0], torch.tensor(expected))
     assert torch.allclose(batch["pixel_values"][0], torch.tensor(0.01))
+    assert batch["skipped_clips"].tolist() == [1, 0] and transform.skipped_clips == 1
+    with pytest.warns(FutureWarning, match="stand_in"):
+        assert AudioVisualTransform(extractor, on_error="warn").on_error == "stand_in"
     with pytest.raises(ValueError, match="not a readable media file"):
         dataset.with_transform(AudioVisualTransform(extractor, on_error="raise"))[:1]
 

@@ -27,10 +27,12 @@ augmentation, and label smoothing. [`AudioVisualDataCollator`] stacks the result
 """
 
 import csv
+import hashlib
 import io
 import json
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,7 @@ import torch
 from PIL import Image
 
 from . import media
+from .configuration_cav_mae import CavMaeError
 from .feature_extraction_cav_mae import CavMaeFeatureExtractor
 
 logger = logging.getLogger(__name__)
@@ -50,10 +53,14 @@ VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv", ".m
 MIXUP_ALPHA = 10.0
 # The reference's stand-ins for clips that fail to load: fbank 0.01 (before normalisation) and images 0.01.
 FAILED_LOAD_VALUE = 0.01
+ON_ERROR_CHOICES = ("skip", "raise", "stand_in")
+# The share of broken clips is judged only once this many clips were seen (a few early failures are not a trend).
+MIN_CLIPS_FOR_SKIP_FRACTION = 20
+SKIPPED_CLIPS = "skipped_clips"
 
 
-class CavMaeDataError(ValueError):
-    """A data file or layout cannot be read as a CAV-MAE dataset; the message says which and why."""
+class CavMaeDataError(CavMaeError):
+    """A data file, layout or clip cannot be read as CAV-MAE data; the message says which and why."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -140,6 +147,78 @@ def clip_dataset_features(label_set: LabelSet | None) -> datasets.Features:
     )
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Path restriction
+# ----------------------------------------------------------------------------------------------------------------
+class _PathGuard:
+    """Checks that paths resolve (after `..` and symlinks) inside `root`; resolved folders are cached, so that the
+    10 frames of a clip cost one `realpath` of their folder each rather than one per path component."""
+
+    def __init__(self, root, source):
+        self.root = Path(os.path.realpath(root))
+        self.source = source
+        self._folders: dict[str, str] = {}
+
+    def resolve(self, path: str) -> str:
+        # no lexical normalisation: `link/..` must go where the OS goes, to the link target's parent
+        folder, name = os.path.split(os.path.join(os.getcwd(), path))
+        if folder not in self._folders:
+            self._folders[folder] = os.path.realpath(folder)
+        candidate = os.path.join(self._folders[folder], name)
+        return os.path.realpath(candidate) if name in ("", ".", "..") or os.path.islink(candidate) else candidate
+
+    def check(self, path, what: str) -> None:
+        if path is None:
+            return
+        resolved = Path(self.resolve(str(path)))
+        if not resolved.is_relative_to(self.root):
+            raise CavMaeDataError(
+                f"{self.source}: the {what} {str(path)!r} resolves to {resolved}, outside the allowed root "
+                f"{self.root}. Move the file under the root, or drop allowed_root to accept paths anywhere."
+            )
+
+    def check_columns(self, columns: dict) -> None:
+        """Check the `video`, `audio.path` and `frames[].path` entries of a batch of rows in the clip schema."""
+        ids = columns.get("clip_id") or [None] * len(next(iter(columns.values()), []))
+        for position, clip_id in enumerate(ids):
+            name = f"clip {clip_id!r}" if clip_id is not None else f"row {position}"
+            if columns.get("video") is not None:
+                self.check(columns["video"][position], f"video of {name}")
+            audio = columns["audio"][position] if columns.get("audio") is not None else None
+            if audio is not None:
+                self.check(audio.get("path"), f"audio file of {name}")
+            for frame in (columns["frames"][position] or []) if columns.get("frames") is not None else []:
+                self.check(frame.get("path") if isinstance(frame, dict) else frame, f"frame of {name}")
+
+
+def _allowed_root(allowed_root, default: Path) -> Path | None:
+    """`allowed_root` as a folder: True means `default` (the data file's own folder), None/False no restriction."""
+    if allowed_root is None or allowed_root is False:
+        return None
+    root = Path(default if allowed_root is True else allowed_root)
+    if not root.is_dir():
+        raise CavMaeDataError(f"allowed_root {str(root)!r} is not a folder.")
+    return root
+
+
+def check_paths_within_root(dataset, root, batch_size: int = 1000) -> None:
+    """
+    Raise [`CavMaeDataError`] naming the first path of `dataset` (its `video`, `audio` and `frames` columns) that
+    resolves, after `..` components and symlinks, outside the folder `root`. The dataset builders run this check
+    when given `allowed_root`; call it yourself on clip datasets from elsewhere (e.g. the Hub) before training on
+    files listed by someone else. Paths are checked when this runs: files swapped for symlinks later are not.
+    """
+    guard = _PathGuard(root, source=f"dataset ({len(dataset)} clips)" if hasattr(dataset, "__len__") else "dataset")
+    columns = [name for name in ("clip_id", "video", "audio", "frames") if name in (dataset.column_names or [])]
+    subset = dataset.with_format(None).select_columns(columns)
+    if isinstance(dataset, datasets.IterableDataset):
+        batches = subset.iter(batch_size=batch_size)
+    else:
+        batches = (subset[start : start + batch_size] for start in range(0, len(subset), batch_size))
+    for batch in batches:
+        guard.check_columns(batch)
+
+
 def _video_rows(videos: Sequence[tuple[Path, list[int]]]) -> dict[str, list]:
     return {
         "clip_id": [path.stem for path, _ in videos],
@@ -150,24 +229,37 @@ def _video_rows(videos: Sequence[tuple[Path, list[int]]]) -> dict[str, list]:
     }
 
 
-def dataset_from_folder(root, label_set: LabelSet | None = None, extensions=VIDEO_EXTENSIONS) -> datasets.Dataset:
+def _checked(rows: dict[str, list], allowed_root: Path | None, source) -> dict[str, list]:
+    if allowed_root is not None:
+        _PathGuard(allowed_root, source).check_columns(rows)
+    return rows
+
+
+def dataset_from_folder(
+    root, label_set: LabelSet | None = None, extensions=VIDEO_EXTENSIONS, allowed_root=None
+) -> datasets.Dataset:
     """
     A dataset of the video files under `root`.
 
     - `root/<class>/<clip>.mp4`: one class per sub-folder (the `ImageFolder` convention). Classes are the sorted
       sub-folder names unless `label_set` gives them (then a folder may be named by a class's name or mid).
     - `root/<clip>.mp4`: no sub-folders, unlabelled clips (for pretraining).
+
+    `allowed_root` (a folder, or True for `root` itself) refuses, with a [`CavMaeDataError`] naming it, any video
+    that resolves outside that folder (a symlink pointing elsewhere).
     """
     root = Path(root)
     if not root.is_dir():
         raise CavMaeDataError(f"Video folder not found: {root}")
+    allowed_root = _allowed_root(allowed_root, root)
     extensions = tuple(extension.lower() for extension in extensions)
     class_dirs = sorted(path for path in root.iterdir() if path.is_dir() and not path.name.startswith("."))
     if not class_dirs:
         videos = [(path, []) for path in sorted(root.iterdir()) if path.suffix.lower() in extensions]
         if not videos:
             raise CavMaeDataError(f"No video files ({', '.join(extensions)}) in {root}.")
-        return datasets.Dataset.from_dict(_video_rows(videos), features=clip_dataset_features(label_set))
+        rows = _checked(_video_rows(videos), allowed_root, root)
+        return datasets.Dataset.from_dict(rows, features=clip_dataset_features(label_set))
     label_set = label_set or LabelSet(names=[path.name for path in class_dirs])
     videos = []
     for class_dir in class_dirs:
@@ -176,7 +268,8 @@ def dataset_from_folder(root, label_set: LabelSet | None = None, extensions=VIDE
         videos.extend((path, [label]) for path in files)
     if not videos:
         raise CavMaeDataError(f"No video files ({', '.join(extensions)}) in the class folders of {root}.")
-    return datasets.Dataset.from_dict(_video_rows(videos), features=clip_dataset_features(label_set))
+    rows = _checked(_video_rows(videos), allowed_root, root)
+    return datasets.Dataset.from_dict(rows, features=clip_dataset_features(label_set))
 
 
 def dataset_from_csv(
@@ -185,16 +278,21 @@ def dataset_from_csv(
     video_column: str = "video",
     label_column: str | None = "labels",
     label_separator: str = ",",
+    allowed_root=None,
 ) -> datasets.Dataset:
     """
     A dataset from a CSV with a column of video paths (absolute, or relative to the CSV's folder) and, optionally,
     a column of labels: class names, mids or indices, several separated by `label_separator` (quote the field).
     Without `label_set` the classes are the sorted distinct labels of the file. A `label` column is used when
     `labels` is absent.
+
+    `allowed_root` (a folder, or True for the CSV's folder) refuses, with a [`CavMaeDataError`] naming it, any
+    video path that resolves outside that folder after `..` and symlinks (absolute paths elsewhere included).
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise CavMaeDataError(f"CSV not found: {csv_path}")
+    allowed_root = _allowed_root(allowed_root, csv_path.parent)
     with open(csv_path, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     if not rows or video_column not in rows[0]:
@@ -214,11 +312,11 @@ def dataset_from_csv(
         path = path if path.is_absolute() else csv_path.parent / path
         videos.append((path, [label_set.index_of(token) for token in row_tokens]))
     features = clip_dataset_features(label_set if has_labels else None)
-    return datasets.Dataset.from_dict(_video_rows(videos), features=features)
+    return datasets.Dataset.from_dict(_checked(_video_rows(videos), allowed_root, csv_path), features=features)
 
 
 def dataset_from_reference_json(
-    json_path, label_csv=None, num_frames: int = DEFAULT_NUM_FRAMES, frame_extension: str = "jpg"
+    json_path, label_csv=None, num_frames: int = DEFAULT_NUM_FRAMES, frame_extension: str = "jpg", allowed_root=None
 ) -> datasets.Dataset:
     """
     A dataset from the CAV-MAE reference's data files: a JSON list (or `{"data": [...]}`) of
@@ -227,10 +325,15 @@ def dataset_from_reference_json(
     `label_csv` the classes are the sorted distinct mids. Relative paths are taken from the JSON's folder. Frame
     files are looked up when a batch is drawn; a missing one is replaced by the nearest earlier frame, as in the
     reference.
+
+    `allowed_root` (a folder, or True for the JSON's folder) refuses, with a [`CavMaeDataError`] naming it, any
+    `wav`, `video_path` or frame path (a `video_id` with `../` included) that resolves outside that folder after
+    `..` and symlinks.
     """
     json_path = Path(json_path)
     if not json_path.is_file():
         raise CavMaeDataError(f"Data JSON not found: {json_path}")
+    allowed_root = _allowed_root(allowed_root, json_path.parent)
     with open(json_path, encoding="utf-8") as handle:
         entries = json.load(handle)
     entries = entries["data"] if isinstance(entries, dict) else entries
@@ -258,6 +361,7 @@ def dataset_from_reference_json(
         "frames": [frame_paths(entry) for entry in entries],
         "labels": [[label_set.index_of(token) for token in row] for row in tokens],
     }
+    data = _checked(data, allowed_root, json_path)
     return datasets.Dataset.from_dict(data, features=clip_dataset_features(label_set))
 
 
@@ -357,13 +461,73 @@ def _encode_wav(waveform: np.ndarray, sampling_rate: int) -> bytes:
     return buffer.getvalue()
 
 
-def _decode_rows_to_bytes(batch: dict, num_frames: int, sampling_rate: int, audio_seconds) -> dict:
-    audio, frames = [], []
+def clip_source(row: dict) -> str:
+    """Where a row's clip comes from, for messages: its video, audio file or first frame file."""
+    audio = row.get("audio") or {}
+    frames = row.get("frames") or [{}]
+    frame = frames[0] if isinstance(frames[0], dict) else {"path": frames[0]}
+    for source in (row.get("video"), audio.get("path"), frame.get("path")):
+        if source:
+            return str(source)
+    return "encoded bytes"
+
+
+def describe_failure(row: dict, error: BaseException) -> str:
+    """`clip 'id' (source): ErrorType: message`, the line that names a clip that failed to load."""
+    message = str(error).rstrip(". ")
+    return f"clip {row.get('clip_id')!r} ({clip_source(row)}): {type(error).__name__}: {message}"
+
+
+def check_skip_limits(
+    skipped: int, seen: int, max_skipped: int | None, max_skipped_fraction: float | None, last: str = ""
+) -> None:
+    """
+    Raise [`CavMaeDataError`] when `skipped` broken clips of `seen` exceed `max_skipped` (a count) or, once
+    `MIN_CLIPS_FOR_SKIP_FRACTION` clips were seen, `max_skipped_fraction` of them: a mostly broken dataset (or a
+    wrong path prefix, a missing codec) fails loudly instead of training on what little loads.
+    """
+    limit = None
+    if max_skipped is not None and skipped > max_skipped:
+        limit = f"more than max_skipped={max_skipped}"
+    elif (
+        max_skipped_fraction is not None
+        and seen >= MIN_CLIPS_FOR_SKIP_FRACTION
+        and skipped > max_skipped_fraction * seen
+    ):
+        limit = f"more than max_skipped_fraction={max_skipped_fraction:g} of the {seen} clips seen"
+    if limit is not None:
+        raise CavMaeDataError(
+            f"{skipped} clips failed to load, {limit} (last: {last}). The data is mostly unreadable: check the "
+            "paths and the files (decode_clips / --decode_once lists every failure), or raise the limit."
+        )
+
+
+def _check_on_error(on_error: str, choices: Sequence[str]) -> str:
+    if on_error == "warn":  # the name of "stand_in" before skipping existed
+        warnings.warn("on_error='warn' is now called 'stand_in'.", FutureWarning, stacklevel=3)
+        on_error = "stand_in"
+    if on_error not in choices:
+        raise CavMaeDataError(f"on_error must be one of {', '.join(map(repr, choices))}, got {on_error!r}.")
+    return on_error
+
+
+def _decode_rows_to_bytes(batch: dict, num_frames: int, sampling_rate: int, audio_seconds, on_error="raise") -> dict:
+    kept = []
     for row in _rows(batch):
-        clip = decode_clip(row, range(num_frames), num_frames, sampling_rate, audio_seconds)
-        audio.append({"bytes": _encode_wav(clip.waveform, sampling_rate), "path": None})
-        frames.append([{"bytes": _encode_png(image), "path": None} for image in clip.frames])
-    return {"audio": audio, "frames": frames, "video": [None] * len(audio)}
+        try:
+            clip = decode_clip(row, range(num_frames), num_frames, sampling_rate, audio_seconds)
+        except Exception as error:  # noqa: BLE001 - decoders of damaged files raise many types
+            if on_error == "raise":
+                raise CavMaeDataError(f"Could not decode {describe_failure(row, error)}") from error
+            verb = "dropping it" if on_error == "skip" else "keeping it undecoded"
+            logger.warning("Could not decode %s; %s.", describe_failure(row, error), verb)
+            if on_error == "keep":
+                kept.append(row)
+            continue
+        audio = {"bytes": _encode_wav(clip.waveform, sampling_rate), "path": None}
+        frames = [{"bytes": _encode_png(image), "path": None} for image in clip.frames]
+        kept.append({**row, "audio": audio, "frames": frames, "video": None})
+    return {column: [row[column] for row in kept] for column in batch}
 
 
 def decode_clips(
@@ -373,21 +537,42 @@ def decode_clips(
     audio_seconds: float | None = media.DEFAULT_AUDIO_SECONDS,
     num_proc: int | None = None,
     desc: str = "Decoding clips",
+    on_error: str = "raise",
+    max_skipped: int | None = None,
+    max_skipped_fraction: float | None = 0.5,
 ) -> datasets.Dataset:
     """
     Decode every clip once into encoded audio (32-bit float WAV at `sampling_rate`) and `num_frames` PNG frames,
     so that training epochs read small blobs instead of running the video decoder (the reference's
     `extract_audio.py` / `extract_video_frame.py` step). The result has the same schema; `datasets` caches it.
+
+    `on_error` decides what a clip that cannot be decoded does: `"raise"` (a [`CavMaeDataError`] naming the clip
+    and the cause), `"skip"` (a warning naming it, and the clip is left out of the result; more than
+    `max_skipped` clips or `max_skipped_fraction` of them raise), or `"keep"` (a warning, and the row stays as it
+    was, for the training transform's own `on_error` to handle).
     """
-    return dataset.map(
+    on_error = _check_on_error(on_error, ("raise", "skip", "keep"))
+    decoded = dataset.map(
         _decode_rows_to_bytes,
         batched=True,
         batch_size=16,
         num_proc=num_proc,
-        fn_kwargs={"num_frames": num_frames, "sampling_rate": sampling_rate, "audio_seconds": audio_seconds},
+        fn_kwargs={
+            "num_frames": num_frames,
+            "sampling_rate": sampling_rate,
+            "audio_seconds": audio_seconds,
+            "on_error": on_error,
+        },
         features=dataset.features,
         desc=desc,
     )
+    skipped = len(dataset) - len(decoded)
+    if skipped:
+        logger.warning("decode_clips: %d of %d clips could not be decoded and were left out.", skipped, len(dataset))
+        if skipped == len(dataset):
+            raise CavMaeDataError(f"None of the {len(dataset)} clips could be decoded (see the warnings above).")
+        check_skip_limits(skipped, len(dataset), max_skipped, max_skipped_fraction, "see the warnings above")
+    return decoded
 
 
 def _rows(batch: dict) -> list[dict]:
@@ -400,13 +585,15 @@ def _rows(batch: dict) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------------------
 # Augmentation
 # ----------------------------------------------------------------------------------------------------------------
-def _mask_along_axis(features: torch.Tensor, max_width: int, axis: int, fill_value: float) -> torch.Tensor:
+def _mask_along_axis(
+    features: torch.Tensor, max_width: int, axis: int, fill_value: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """One band per sample along `axis` (1 = time, 2 = frequency) of `[B, T, F]`, drawn as torchaudio's
     `FrequencyMasking`/`TimeMasking`: `w ~ U(0, max_width)`, `start ~ U(0, size - w)`, the band
     `[int(start), int(start) + int(w))`."""
     batch_size, size = features.shape[0], features.shape[axis]
-    width = torch.rand(batch_size) * max_width
-    start = torch.rand(batch_size) * (size - width)
+    width = torch.rand(batch_size, generator=generator) * max_width
+    start = torch.rand(batch_size, generator=generator) * (size - width)
     first = start.long()
     end = first + width.long()
     positions = torch.arange(size)
@@ -415,45 +602,61 @@ def _mask_along_axis(features: torch.Tensor, max_width: int, axis: int, fill_val
     return features.masked_fill(band, fill_value)
 
 
-def spec_augment(features: torch.Tensor, freqm: int = 0, timem: int = 0, fill_value: float = 0.0) -> torch.Tensor:
+def spec_augment(
+    features: torch.Tensor,
+    freqm: int = 0,
+    timem: int = 0,
+    fill_value: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """
     SpecAugment as the reference: per clip one frequency band of up to `freqm` bins, then one time band of up to
     `timem` frames, set to `fill_value`. The reference masks the fbank before normalisation with 0, which is
-    `(0 - audio_mean) / audio_std` in normalised features. `features`: `[B, T, F]`.
+    `(0 - audio_mean) / audio_std` in normalised features. `features`: `[B, T, F]`. Draws from `generator`
+    (default: torch's global generator).
     """
     if freqm > 0:
-        features = _mask_along_axis(features, freqm, axis=2, fill_value=fill_value)
+        features = _mask_along_axis(features, freqm, axis=2, fill_value=fill_value, generator=generator)
     if timem > 0:
-        features = _mask_along_axis(features, timem, axis=1, fill_value=fill_value)
+        features = _mask_along_axis(features, timem, axis=1, fill_value=fill_value, generator=generator)
     return features
 
 
-def add_noise_and_roll(features: torch.Tensor) -> torch.Tensor:
+def add_noise_and_roll(features: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """
     The reference's noise augmentation on normalised features `[B, T, F]`: per clip, add uniform noise in
-    `[0, a / 10)` with `a ~ U(0, 1)`, then roll along time by a shift drawn from `[-T, T)`.
+    `[0, a / 10)` with `a ~ U(0, 1)`, then roll along time by a shift drawn from `[-T, T)`. Draws from `generator`
+    (default: torch's global generator).
     """
     batch_size, length, _ = features.shape
-    scale = torch.rand(batch_size, 1, 1) / 10
-    noisy = features + torch.rand_like(features) * scale
-    shifts = torch.randint(-length, length, (batch_size,))
+    scale = torch.rand(batch_size, 1, 1, generator=generator) / 10
+    noise = torch.rand(features.shape, generator=generator, dtype=features.dtype, device=features.device)
+    noisy = features + noise * scale
+    shifts = torch.randint(-length, length, (batch_size,), generator=generator)
     index = (torch.arange(length)[None, :] - shifts[:, None]) % length
     return torch.gather(noisy, 1, index[:, :, None].expand_as(noisy))
 
 
-def draw_mixup(batch_size: int, probability: float, alpha: float = MIXUP_ALPHA) -> tuple[torch.Tensor, torch.Tensor]:
+def draw_mixup(
+    batch_size: int, probability: float, alpha: float = MIXUP_ALPHA, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """
     Mixup partners and weights for a batch: each clip is mixed with probability `probability` with a uniformly
     drawn clip of the batch (which may be itself), with weight `lambda ~ Beta(alpha, alpha)` on its own data.
-    Returns `(partners [B] long, lambdas [B] float)`; unmixed clips get themselves and lambda 1.
+    Returns `(partners [B] long, lambdas [B] float)`; unmixed clips get themselves and lambda 1. Draws from
+    `generator` (default: torch's global generator).
     """
     partners = torch.arange(batch_size)
     lambdas = torch.ones(batch_size)
     if probability <= 0:
         return partners, lambdas
-    mixed = torch.rand(batch_size) < probability
-    draws = torch.randint(0, batch_size, (batch_size,))
-    beta = torch.distributions.Beta(torch.tensor(alpha), torch.tensor(alpha)).sample((batch_size,))
+    mixed = torch.rand(batch_size, generator=generator) < probability
+    draws = torch.randint(0, batch_size, (batch_size,), generator=generator)
+    if generator is None:
+        beta = torch.distributions.Beta(torch.tensor(alpha), torch.tensor(alpha)).sample((batch_size,))
+    else:  # torch's Beta takes no generator: numpy's, seeded from it
+        numpy_rng = np.random.default_rng(int(torch.randint(0, 2**62, (), generator=generator)))
+        beta = torch.from_numpy(numpy_rng.beta(alpha, alpha, batch_size)).float()
     return torch.where(mixed, draws, partners), torch.where(mixed, beta, lambdas)
 
 
@@ -498,11 +701,38 @@ def smoothed_targets(
 # ----------------------------------------------------------------------------------------------------------------
 # The transform
 # ----------------------------------------------------------------------------------------------------------------
+def _clip_key(row: dict) -> tuple:
+    """What identifies a row for the augmentation seed: its id and the files it comes from."""
+    audio = row.get("audio") or {}
+    frames = row.get("frames") or [{}]
+    return (row.get("clip_id"), row.get("video"), audio.get("path"), (frames[0] or {}).get("path"))
+
+
+def augmentation_seed(seed: int, epoch: int, rows: Sequence[dict]) -> int:
+    """A 63-bit seed from `(seed, epoch, the rows' clip ids and files)`: the same batch of the same epoch gets the
+    same seed in every process, DataLoader worker and resumed run."""
+    text = repr((int(seed), int(epoch), [_clip_key(row) for row in rows]))
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _shared_counter() -> torch.Tensor:
+    """A 0-d integer tensor in shared memory (torch hands it to DataLoader workers by reference), or a plain one
+    where shared memory is not available."""
+    counter = torch.zeros((), dtype=torch.long)
+    try:
+        return counter.share_memory_()
+    except (RuntimeError, OSError):  # pragma: no cover - e.g. no /dev/shm
+        return counter
+
+
 class AudioVisualTransform:
     """
     Turns a batch of dataset rows into model inputs: `input_features` `[B, T, F]`, `pixel_values` `[B, 3, S, S]`
-    (or `[B, num_frames, 3, S, S]` with `frame_index="all"`), and, with `num_labels`, `labels` `[B, num_labels]`
-    (float multi-hot, smoothed and mixed as the reference). Use it with `dataset.with_transform(transform)`.
+    (or `[B, num_frames, 3, S, S]` with `frame_index="all"`), with `num_labels`, `labels` `[B, num_labels]` (float
+    multi-hot, smoothed and mixed as the reference), and `skipped_clips` `[B]` (the number of clips of the batch
+    that failed to load, on its first row; [`AudioVisualDataCollator`] hands it to [`CavMaeTrainer`], which logs
+    the total). Use it with `dataset.with_transform(transform)`.
 
     Args:
         feature_extractor ([`CavMaeFeatureExtractor`]): fbank and frame preprocessing; its `max_length`,
@@ -519,8 +749,27 @@ class AudioVisualTransform:
         noise (`bool`): the noise + time-roll augmentation (reference: on for pretraining and fine-tuning).
         label_smoothing (`float`): reference fine-tuning: 0.1.
         num_labels (`int`, *optional*): emit `labels`; None for pretraining.
-        on_error (`"warn"` or `"raise"`): a clip that fails to load is, with `"warn"`, logged and replaced by the
-            reference's constant stand-in (fbank 0.01, frames 0.01), so that one bad file does not end a long run.
+        on_error (`"skip"`, `"raise"` or `"stand_in"`, defaults to `"skip"`): what a clip that fails to load
+            (missing, truncated or corrupt file, no audio track, ...) does. `"skip"`: a warning names the clip and
+            the error, the clip is left out (its batch is one smaller) and counted in `skipped_clips`; a batch in
+            which every clip fails raises. `"raise"`: a [`CavMaeDataError`] naming the clip stops the run.
+            `"stand_in"`: the reference's behaviour, the clip is replaced by constants (fbank 0.01 before
+            normalisation, frames 0.01), logged and counted; only to reproduce the reference exactly.
+        max_skipped (`int`, *optional*): raise once more clips than this failed to load.
+        max_skipped_fraction (`float`, *optional*, defaults to 0.5): raise once more than this share of the clips
+            seen failed to load (judged from the 20th clip on). The counts are per process, and per DataLoader
+            worker with `dataloader_num_workers > 0`.
+        seed (`int`, *optional*): base seed of the training augmentation. Each training batch draws its random
+            frame, mixup, SpecAugment and noise from a generator seeded by `(seed, epoch, the batch's clips)`,
+            never from torch's global generator, so a run resumed from a checkpoint repeats the augmentation of
+            the uninterrupted run, whichever DataLoader worker draws the batch. [`CavMaeTrainer`] sets it from
+            `TrainingArguments.data_seed` / `seed` when None (and the epoch, see [`set_epoch`]); used elsewhere,
+            None means `torch.initial_seed()` at construction.
+
+    Attributes:
+        skipped_clips (`int`): clips that failed to load so far (skipped or replaced), in this process / worker.
+        seen_clips (`int`): clips this transform was given so far, in this process / worker.
+        epoch (`int`): the epoch mixed into the augmentation seed.
     """
 
     def __init__(
@@ -535,12 +784,18 @@ class AudioVisualTransform:
         noise: bool = False,
         label_smoothing: float = 0.0,
         num_labels: int | None = None,
-        on_error: str = "warn",
+        on_error: str = "skip",
+        max_skipped: int | None = None,
+        max_skipped_fraction: float | None = 0.5,
+        seed: int | None = None,
     ):
-        if on_error not in ("warn", "raise"):
-            raise ValueError(f"on_error must be 'warn' or 'raise', got {on_error!r}.")
+        on_error = _check_on_error(on_error, ON_ERROR_CHOICES)
         if not (frame_index in ("middle", "all") or isinstance(frame_index, int)):
-            raise ValueError(f"frame_index must be an int, 'middle' or 'all', got {frame_index!r}.")
+            raise CavMaeDataError(f"frame_index must be an int, 'middle' or 'all', got {frame_index!r}.")
+        if max_skipped is not None and max_skipped < 0:
+            raise CavMaeDataError(f"max_skipped must be at least 0, got {max_skipped}.")
+        if max_skipped_fraction is not None and not 0 <= max_skipped_fraction <= 1:
+            raise CavMaeDataError(f"max_skipped_fraction must be in [0, 1], got {max_skipped_fraction}.")
         if (mixup > 0 or label_smoothing > 0) and num_labels is None and training:
             logger.info("mixup / label smoothing mix labels; without num_labels only the inputs are mixed.")
         self.feature_extractor = feature_extractor
@@ -554,6 +809,13 @@ class AudioVisualTransform:
         self.label_smoothing = label_smoothing
         self.num_labels = num_labels
         self.on_error = on_error
+        self.max_skipped = max_skipped
+        self.max_skipped_fraction = max_skipped_fraction
+        self.seed = seed
+        self._default_seed = torch.initial_seed()
+        self._epoch = _shared_counter()
+        self.skipped_clips = 0
+        self.seen_clips = 0
 
     @property
     def audio_seconds(self) -> float:
@@ -561,9 +823,19 @@ class AudioVisualTransform:
         extractor = self.feature_extractor
         return ((extractor.max_length - 1) * extractor.frame_shift_ms + extractor.frame_length_ms) / 1000 + 0.02
 
-    def frame_indices(self) -> list[int]:
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Mix `epoch` into the augmentation seed, so that every epoch augments a clip differently
+        ([`CavMaeTrainer`] calls this at the start of each epoch). The epoch lives in shared memory, so that
+        DataLoader workers, persistent ones included, see the change."""
+        self._epoch.fill_(int(epoch))
+
+    def frame_indices(self, generator: torch.Generator | None = None) -> list[int]:
         if self.training:
-            return [int(torch.randint(0, self.num_frames, ()))]
+            return [int(torch.randint(0, self.num_frames, (), generator=generator))]
         if self.frame_index == "all":
             return list(range(self.num_frames))
         if self.frame_index == "middle":
@@ -572,8 +844,76 @@ class AudioVisualTransform:
 
     def __call__(self, batch: dict) -> dict:
         rows = _rows(batch)
-        clips, failed = self._decode(rows)
-        partners, lambdas = draw_mixup(len(rows), self.mixup if self.training else 0.0)
+        generator = self._generator(rows)
+        clips, failures = self._decode(rows, generator)
+        self._count(len(rows), failures)
+        stand_ins = []
+        if self.on_error == "skip":
+            kept = [position for position, clip in enumerate(clips) if clip is not None]
+            rows, clips = [rows[position] for position in kept], [clips[position] for position in kept]
+        else:
+            stand_ins = [position for position, _ in failures]
+        output = self._model_inputs(rows, clips, stand_ins, generator)
+        skipped = torch.zeros(len(rows), dtype=torch.long)
+        skipped[0] = len(failures)
+        output[SKIPPED_CLIPS] = skipped
+        return output
+
+    def _generator(self, rows: list[dict]) -> torch.Generator | None:
+        """The batch's own generator in training (see `seed`); evaluation draws nothing."""
+        if not self.training:
+            return None
+        seed = self.seed if self.seed is not None else self._default_seed
+        return torch.Generator().manual_seed(augmentation_seed(seed, self.epoch, rows))
+
+    def _decode(self, rows: list[dict], generator) -> tuple[list[DecodedClip | None], list[tuple[int, str]]]:
+        """The clips (None where one failed with `"skip"`) and the failures as `(position, description)`."""
+        clips, failures = [], []
+        extractor = self.feature_extractor
+        for position, row in enumerate(rows):
+            indices = self.frame_indices(generator)  # drawn first: a failure does not shift later clips' draws
+            try:
+                clip = decode_clip(row, indices, self.num_frames, extractor.sampling_rate, self.audio_seconds)
+            except Exception as error:  # noqa: BLE001 - decoders of damaged files raise many types
+                description = describe_failure(row, error)
+                if self.on_error == "raise":
+                    raise CavMaeDataError(f"Could not load {description}") from error
+                failures.append((position, description))
+                clip = None if self.on_error == "skip" else self._stand_in(len(indices))
+                action = "skipping it" if self.on_error == "skip" else "using the reference's constant stand-in"
+                logger.warning(
+                    "Could not load %s; %s (%d clips failed so far).",
+                    description,
+                    action,
+                    self.skipped_clips + len(failures),
+                )
+            clips.append(clip)
+        return clips, failures
+
+    def _stand_in(self, num_images: int) -> DecodedClip:
+        extractor = self.feature_extractor
+        blank = Image.new("RGB", (extractor.image_size, extractor.image_size))
+        return DecodedClip(np.zeros(extractor.sampling_rate, np.float32), [blank] * num_images)
+
+    def _count(self, num_rows: int, failures: list[tuple[int, str]]) -> None:
+        """Update the counters; raise when a whole batch failed (with `"skip"`) or a limit is passed."""
+        self.seen_clips += num_rows
+        self.skipped_clips += len(failures)
+        if not failures:
+            return
+        if self.on_error == "skip" and len(failures) == num_rows:
+            listed = "; ".join(description for _, description in failures[:5])
+            more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
+            raise CavMaeDataError(
+                f"Every clip of a batch of {num_rows} failed to load, so there is nothing to train on: {listed}"
+                f"{more}. Check these files (decode_clips(..., on_error='skip') removes broken clips up front)."
+            )
+        check_skip_limits(
+            self.skipped_clips, self.seen_clips, self.max_skipped, self.max_skipped_fraction, failures[-1][1]
+        )
+
+    def _model_inputs(self, rows: list[dict], clips: list[DecodedClip], stand_ins: list[int], generator) -> dict:
+        partners, lambdas = draw_mixup(len(rows), self.mixup if self.training else 0.0, generator=generator)
         waveforms = [
             mix_waveforms(clip.waveform, clips[int(partner)].waveform, float(weight)) if weight < 1 else clip.waveform
             for clip, partner, weight in zip(clips, partners, lambdas)
@@ -587,12 +927,14 @@ class AudioVisualTransform:
         if self.training:
             shape = (-1,) + (1,) * (pixel_values.dim() - 1)
             pixel_values = lambdas.view(shape) * pixel_values + (1 - lambdas.view(shape)) * pixel_values[partners]
-            input_features = spec_augment(input_features, self.freqm, self.timem, fill_value=self._raw_zero)
-        for index in failed:
+            input_features = spec_augment(
+                input_features, self.freqm, self.timem, fill_value=self._raw_zero, generator=generator
+            )
+        for index in stand_ins:
             input_features[index] = self._normalise(FAILED_LOAD_VALUE)
             pixel_values[index] = FAILED_LOAD_VALUE
         if self.training and self.noise:
-            input_features = add_noise_and_roll(input_features)
+            input_features = add_noise_and_roll(input_features, generator=generator)
         output = {"input_features": input_features, "pixel_values": pixel_values}
         if self.num_labels is not None:
             smoothing = self.label_smoothing if self.training else 0.0
@@ -600,23 +942,6 @@ class AudioVisualTransform:
                 [row.get("labels") or [] for row in rows], self.num_labels, smoothing, partners, lambdas
             )
         return output
-
-    def _decode(self, rows: list[dict]) -> tuple[list[DecodedClip], list[int]]:
-        clips, failed = [], []
-        extractor = self.feature_extractor
-        for position, row in enumerate(rows):
-            try:
-                indices = self.frame_indices()
-                clip = decode_clip(row, indices, self.num_frames, extractor.sampling_rate, self.audio_seconds)
-            except (media.MediaError, CavMaeDataError, OSError) as error:
-                if self.on_error == "raise":
-                    raise
-                logger.warning("Clip %r could not be loaded (%s); using the stand-in.", row.get("clip_id"), error)
-                failed.append(position)
-                blank = Image.new("RGB", (extractor.image_size, extractor.image_size))
-                clip = DecodedClip(np.zeros(extractor.sampling_rate, np.float32), [blank] * len(indices))
-            clips.append(clip)
-        return clips, failed
 
     @property
     def _raw_zero(self) -> float:
@@ -629,13 +954,17 @@ class AudioVisualTransform:
 
 
 def pretraining_transforms(
-    feature_extractor: CavMaeFeatureExtractor, noise: bool = True, num_frames: int = DEFAULT_NUM_FRAMES
+    feature_extractor: CavMaeFeatureExtractor,
+    noise: bool = True,
+    num_frames: int = DEFAULT_NUM_FRAMES,
+    **error_options,
 ):
     """(train, eval) transforms of the reference's pretraining: random frame and noise + roll in training, the
-    middle frame at evaluation; no labels, no SpecAugment, no mixup."""
+    middle frame at evaluation; no labels, no SpecAugment, no mixup. `error_options` (`on_error`, `max_skipped`,
+    `max_skipped_fraction`, `seed`) go to both, see [`AudioVisualTransform`]."""
     return (
-        AudioVisualTransform(feature_extractor, training=True, num_frames=num_frames, noise=noise),
-        AudioVisualTransform(feature_extractor, training=False, num_frames=num_frames),
+        AudioVisualTransform(feature_extractor, training=True, num_frames=num_frames, noise=noise, **error_options),
+        AudioVisualTransform(feature_extractor, training=False, num_frames=num_frames, **error_options),
     )
 
 
@@ -649,10 +978,13 @@ def finetuning_transforms(
     label_smoothing: float = 0.1,
     num_frames: int = DEFAULT_NUM_FRAMES,
     eval_frames="all",
+    **error_options,
 ):
     """(train, eval) transforms of the reference's fine-tuning (defaults: its AudioSet / VGGSound recipe for 1024
     frames; scale `timem` with the audio length). Evaluation uses every frame by default (multi-frame evaluation);
-    `eval_frames="middle"` uses frame 5 of 10."""
+    `eval_frames="middle"` uses frame 5 of 10. `error_options` (`on_error`, `max_skipped`, `max_skipped_fraction`,
+    `seed`) go to both, see [`AudioVisualTransform`]; clips skipped in evaluation are missing from the
+    predictions (use `on_error="raise"` where predictions must line up with the dataset's rows)."""
     train = AudioVisualTransform(
         feature_extractor,
         training=True,
@@ -663,9 +995,15 @@ def finetuning_transforms(
         noise=noise,
         label_smoothing=label_smoothing,
         num_labels=num_labels,
+        **error_options,
     )
     evaluation = AudioVisualTransform(
-        feature_extractor, training=False, num_frames=num_frames, frame_index=eval_frames, num_labels=num_labels
+        feature_extractor,
+        training=False,
+        num_frames=num_frames,
+        frame_index=eval_frames,
+        num_labels=num_labels,
+        **error_options,
     )
     return train, evaluation
 
@@ -682,6 +1020,25 @@ def with_transform(dataset, transform: AudioVisualTransform, batch_size: int = 3
     return dataset.with_transform(transform)
 
 
+def attached_transforms(dataset) -> list[AudioVisualTransform]:
+    """
+    The [`AudioVisualTransform`]s a dataset runs: the `with_transform` of a `datasets.Dataset`, or the `map`
+    functions of a `datasets.IterableDataset` (read from its private processing chain; an empty list if `datasets`
+    changes it). [`CavMaeTrainer`] uses this to seed the augmentation and set its epoch.
+    """
+    found = []
+    format_ = getattr(dataset, "format", None)
+    if isinstance(format_, dict):
+        found.append((format_.get("format_kwargs") or {}).get("transform"))
+    node = getattr(dataset, "_ex_iterable", None)
+    for _ in range(100):  # a chain of processing steps; bounded in case it ever loops
+        if node is None:
+            break
+        found.append(getattr(node, "function", None))
+        node = getattr(node, "ex_iterable", None)
+    return [transform for transform in found if isinstance(transform, AudioVisualTransform)]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Collator
 # ----------------------------------------------------------------------------------------------------------------
@@ -690,16 +1047,27 @@ class AudioVisualDataCollator:
     Stacks transformed examples (`input_features`, `pixel_values`, `labels`) into a batch; other keys are dropped.
     Accepts a list of per-example dicts (what a DataLoader over `with_transform` datasets yields) or one dict of
     already batched tensors.
+
+    Args:
+        report_skipped (`bool`, defaults to False): also pass on `skipped_clips` `[B]` (clips of the batch that
+            failed to load, see [`AudioVisualTransform`]), for [`CavMaeTrainer`] to log; off by default, so that
+            `model(**batch)` gets only model inputs. [`CavMaeTrainer`] turns it on for its collator.
     """
 
     model_input_names = ("input_features", "pixel_values", "labels")
 
+    def __init__(self, report_skipped: bool = False):
+        self.report_skipped = report_skipped
+
     def __call__(self, examples) -> dict[str, torch.Tensor]:
+        wanted = self.model_input_names + ((SKIPPED_CLIPS,) if self.report_skipped else ())
         if isinstance(examples, dict):
-            return {name: examples[name] for name in self.model_input_names if name in examples}
+            return {name: examples[name] for name in wanted if name in examples}
         if not examples:
-            raise CavMaeDataError("Cannot collate an empty batch.")
-        names = [name for name in self.model_input_names if name in examples[0]]
+            raise CavMaeDataError(
+                "Cannot collate an empty batch (with on_error='skip', every clip of it failed to load)."
+            )
+        names = [name for name in wanted if name in examples[0]]
         return {name: torch.stack([torch.as_tensor(example[name]) for example in examples]) for name in names}
 
 
@@ -710,13 +1078,18 @@ __all__ = [
     "DecodedClip",
     "LabelSet",
     "add_noise_and_roll",
+    "attached_transforms",
+    "augmentation_seed",
     "balanced_sample_weights",
+    "check_paths_within_root",
+    "check_skip_limits",
     "clip_dataset_features",
     "dataset_from_csv",
     "dataset_from_folder",
     "dataset_from_reference_json",
     "decode_clip",
     "decode_clips",
+    "describe_failure",
     "draw_mixup",
     "finetuning_transforms",
     "label_set_of",

@@ -18,10 +18,24 @@ Training CAV-MAE with the Hugging Face `Trainer`, the way the reference recipes 
   continues it), or of saved checkpoints afterwards.
 - Argument dataclasses shared by `examples/pretrain.py` and `examples/finetune.py`, dataset loading by path, and
   retrieval evaluation ([`evaluate_retrieval`]).
+
+Faults: clips that fail to load are skipped, logged and counted (`skipped_clips` in the training logs,
+`eval_skipped_clips` in evaluation) or stop the run, as `DataArguments.on_error` says; a run resumed from a checkpoint
+repeats the data order, augmentation and masking of the uninterrupted run (the augmentation is seeded per batch, see
+[`AudioVisualTransform`]); `--resume_from_checkpoint last` takes the newest *complete* checkpoint (a run killed while
+writing one leaves it half-written); the final `save_model` writes into a staging folder and moves the files into
+place, so a failure never leaves a half-written model; and under `torchrun` a failing process names its rank.
 """
 
 import json
+import math
+import os
+import re
+import shutil
+import tempfile
 from collections import defaultdict
+from collections.abc import MutableMapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,15 +43,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, WeightedRandomSampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
-from .configuration_cav_mae import CavMaeConfig
+from .configuration_cav_mae import CavMaeConfig, CavMaeError
 from .data import (
     DEFAULT_NUM_FRAMES,
+    ON_ERROR_CHOICES,
+    SKIPPED_CLIPS,
     AudioVisualDataCollator,
     CavMaeDataError,
     LabelSet,
+    attached_transforms,
     balanced_sample_weights,
     dataset_from_csv,
     dataset_from_folder,
@@ -52,6 +69,10 @@ LOSS_COMPONENTS = ("mae_loss", "audio_mae_loss", "visual_mae_loss", "contrastive
 HEAD_PREFIX = "classifier."
 CLASSIFIER_OUTPUTS_NOT_GATHERED = ["frame_logits", "pooled_output"]
 WEIGHT_AVERAGE_FILE = "weight_average.safetensors"
+TRAINER_STATE_FILE = "trainer_state.json"
+CHECKPOINT_PATTERN = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+WEIGHTS_PATTERN = re.compile(r"^(pytorch_)?model(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
+DECODE_ON_ERROR = {"raise": "raise", "skip": "skip", "stand_in": "keep"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -146,22 +167,78 @@ class DataArguments:
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training clips."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation clips."})
+    on_error: str = field(
+        default="skip",
+        metadata={
+            "help": "A clip that fails to load (missing, truncated, corrupt, no audio track): 'skip' it with a "
+            "warning naming it (counted in the logs as skipped_clips), 'raise' an error naming it, or 'stand_in' "
+            "(the reference's constant stand-in, only to reproduce it). With --decode_once, 'skip' drops broken "
+            "clips while decoding.",
+            "choices": list(ON_ERROR_CHOICES),
+        },
+    )
+    max_skipped: int | None = field(
+        default=None, metadata={"help": "Stop with an error once more clips than this failed to load."}
+    )
+    max_skipped_fraction: float | None = field(
+        default=0.5,
+        metadata={"help": "Stop with an error once more than this share of the clips seen failed to load."},
+    )
+    restrict_data_paths: bool = field(
+        default=False,
+        metadata={
+            "help": "Refuse data files whose paths (video, wav, frame folders) resolve, after '..' and symlinks, "
+            "outside the folder of the data file (or --allowed_data_root)."
+        },
+    )
+    allowed_data_root: str | None = field(
+        default=None,
+        metadata={"help": "Refuse any referenced file that resolves outside this folder (implies the check)."},
+    )
+
+    def __post_init__(self):
+        if self.on_error not in ON_ERROR_CHOICES:
+            raise CavMaeDataError(f"on_error must be one of {', '.join(ON_ERROR_CHOICES)}, got {self.on_error!r}.")
+
+    @property
+    def allowed_root(self):
+        """The `allowed_root` of the dataset builders: a folder, True (each data file's own folder) or None."""
+        return self.allowed_data_root or (True if self.restrict_data_paths else None)
+
+
+def transform_options(data_args: DataArguments) -> dict:
+    """The [`AudioVisualTransform`] options of `data_args` (`on_error`, `max_skipped`, `max_skipped_fraction`), for
+    `pretraining_transforms(..., **transform_options(data_args))` and `finetuning_transforms`."""
+    return {
+        "on_error": data_args.on_error,
+        "max_skipped": data_args.max_skipped,
+        "max_skipped_fraction": data_args.max_skipped_fraction,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Datasets by path
 # ----------------------------------------------------------------------------------------------------------------
-def load_clip_dataset(path, label_csv=None, num_frames: int = DEFAULT_NUM_FRAMES, label_set: LabelSet | None = None):
-    """A clip dataset from a folder of videos, a CSV of videos (`.csv`) or a reference data file (`.json`)."""
+def load_clip_dataset(
+    path,
+    label_csv=None,
+    num_frames: int = DEFAULT_NUM_FRAMES,
+    label_set: LabelSet | None = None,
+    allowed_root=None,
+):
+    """A clip dataset from a folder of videos, a CSV of videos (`.csv`) or a reference data file (`.json`).
+    `allowed_root` (a folder, or True for the data file's own folder) refuses paths that resolve outside it."""
     path = Path(path)
     if label_set is None and label_csv is not None:
         label_set = read_label_csv(label_csv)
     if path.is_dir():
-        return dataset_from_folder(path, label_set=label_set)
+        return dataset_from_folder(path, label_set=label_set, allowed_root=allowed_root)
     if path.suffix.lower() == ".csv":
-        return dataset_from_csv(path, label_set=label_set)
+        return dataset_from_csv(path, label_set=label_set, allowed_root=allowed_root)
     if path.suffix.lower() == ".json":
-        return dataset_from_reference_json(path, label_csv=label_csv, num_frames=num_frames)
+        return dataset_from_reference_json(
+            path, label_csv=label_csv, num_frames=num_frames, allowed_root=allowed_root
+        )
     raise CavMaeDataError(f"{path}: expected a folder of videos, a .csv or a reference .json data file.")
 
 
@@ -171,20 +248,28 @@ def load_train_and_eval_datasets(data_args: DataArguments, training_args: Traini
     iterable with `streaming`. `eval` is None without `eval_data`."""
     from .data import decode_clips
 
-    train = load_clip_dataset(data_args.train_data, data_args.label_csv, data_args.num_frames)
+    root = data_args.allowed_root
+    train = load_clip_dataset(data_args.train_data, data_args.label_csv, data_args.num_frames, allowed_root=root)
     evaluation = None
     if data_args.eval_data:
-        evaluation = load_clip_dataset(data_args.eval_data, data_args.label_csv, data_args.num_frames)
+        evaluation = load_clip_dataset(
+            data_args.eval_data, data_args.label_csv, data_args.num_frames, allowed_root=root
+        )
     if data_args.max_train_samples is not None:
         train = train.select(range(min(data_args.max_train_samples, len(train))))
     if evaluation is not None and data_args.max_eval_samples is not None:
         evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
     if data_args.decode_once:
         with training_args.main_process_first(desc="decoding clips"):
-            workers = data_args.preprocessing_num_workers
-            train = decode_clips(train, data_args.num_frames, num_proc=workers)
+            options = {
+                "num_proc": data_args.preprocessing_num_workers,
+                "on_error": DECODE_ON_ERROR[data_args.on_error],
+                "max_skipped": data_args.max_skipped,
+                "max_skipped_fraction": data_args.max_skipped_fraction,
+            }
+            train = decode_clips(train, data_args.num_frames, **options)
             if evaluation is not None:
-                evaluation = decode_clips(evaluation, data_args.num_frames, num_proc=workers, desc="Decoding eval")
+                evaluation = decode_clips(evaluation, data_args.num_frames, desc="Decoding eval", **options)
     if data_args.streaming:
         train = train.to_iterable_dataset(num_shards=max(1, training_args.dataloader_num_workers))
     return train, evaluation
@@ -202,13 +287,43 @@ def feature_extractor_from_data_args(data_args: DataArguments):
     )
 
 
+def is_complete_checkpoint(folder) -> bool:
+    """Whether a Trainer checkpoint folder was written to the end: it holds model weights and a readable
+    `trainer_state.json` (the Trainer writes that last; a run killed while saving leaves a folder without it)."""
+    folder = Path(folder)
+    try:
+        json.loads((folder / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return any(WEIGHTS_PATTERN.match(path.name) for path in folder.iterdir())
+
+
+def last_complete_checkpoint(output_dir) -> str | None:
+    """The newest complete checkpoint (see [`is_complete_checkpoint`]) in `output_dir`, or None; newer incomplete
+    ones (a run killed while writing them) are named in a warning and left alone."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    found = [(int(m.group(1)), path) for path in folder.iterdir() if (m := CHECKPOINT_PATTERN.match(path.name))]
+    for _, path in sorted(found, key=lambda item: item[0], reverse=True):
+        if path.is_dir() and is_complete_checkpoint(path):
+            return str(path)
+        logger.warning(f"{path} is incomplete (the run was probably stopped while writing it); skipping it.")
+    return None
+
+
 def resolve_checkpoint(training_args: TrainingArguments) -> str | None:
-    """`--resume_from_checkpoint PATH`, or `last` for the newest checkpoint in `output_dir`."""
+    """`--resume_from_checkpoint PATH`, or `last` for the newest complete checkpoint in `output_dir`."""
     checkpoint = training_args.resume_from_checkpoint
     if checkpoint in ("last", "true", "True"):
-        checkpoint = get_last_checkpoint(training_args.output_dir)
+        checkpoint = last_complete_checkpoint(training_args.output_dir)
         if checkpoint is None:
-            raise ValueError(f"--resume_from_checkpoint last: no checkpoint in {training_args.output_dir}.")
+            raise CavMaeError(f"--resume_from_checkpoint last: no complete checkpoint in {training_args.output_dir}.")
+    elif checkpoint is not None and not is_complete_checkpoint(checkpoint):
+        raise CavMaeError(
+            f"--resume_from_checkpoint {checkpoint}: not a complete Trainer checkpoint (it needs model weights and a "
+            "readable trainer_state.json; a run stopped while saving leaves them out). Use an older one, or `last`."
+        )
     return checkpoint
 
 
@@ -405,6 +520,118 @@ def average_epoch_checkpoints(output_dir, start_epoch: int, end_epoch: int) -> d
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Sampling, augmentation seeds
+# ----------------------------------------------------------------------------------------------------------------
+class EpochSeededWeightedSampler(WeightedRandomSampler):
+    """
+    `WeightedRandomSampler` (with replacement) whose draws for epoch `e` depend only on `seed + e` once
+    `set_epoch(e)` is called (the Trainer does, before every epoch), so that a resumed run draws the same clips as
+    the uninterrupted one. Without `set_epoch`, every iteration continues the generator.
+    """
+
+    def __init__(self, weights, num_samples: int, seed: int):
+        generator = torch.Generator().manual_seed(seed)
+        super().__init__(torch.as_tensor(weights, dtype=torch.double), num_samples, True, generator)
+        self.seed = seed
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator.manual_seed(self.seed + int(epoch))
+
+
+class _AugmentationEpochCallback(TrainerCallback):
+    """Tells the training transforms the epoch, for their augmentation seeds (see [`AudioVisualTransform`])."""
+
+    def __init__(self, trainer: "CavMaeTrainer"):
+        self.trainer = trainer
+        self.epoch = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.epoch = None
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        # the first epoch of a (resumed) run is where the state stands; each later one is the next
+        self.epoch = int(math.floor((state.epoch or 0) + 1e-9)) if self.epoch is None else self.epoch + 1
+        for transform in attached_transforms(self.trainer.train_dataset):
+            transform.set_epoch(self.epoch)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Atomic saving
+# ----------------------------------------------------------------------------------------------------------------
+def _fsync(path: Path) -> None:
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. directories on Windows
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def _replace_entry(source: Path, target: Path) -> None:
+    """Move `source` onto `target` atomically for files; a folder is swapped with a rename and the old one
+    removed."""
+    if target.is_dir() and not target.is_symlink():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(source, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(source, target)
+
+
+def move_into_place(staging, target) -> None:
+    """
+    Publish the completely written folder `staging` as `target`. A new `target` is one atomic rename. An existing
+    one (an `output_dir` that also holds checkpoints and logs) gets each staged file by an atomic `os.replace`:
+    the weights first, then the other files with `config.json` last, and weight files of the previous save that the
+    new one does not have (old shards) are removed; anything else in `target` is left alone. A failure before this
+    point leaves `target` as it was.
+    """
+    staging, target = Path(staging), Path(target)
+    for path in staging.rglob("*"):
+        if path.is_file():
+            _fsync(path)
+    if not target.exists():
+        os.replace(staging, target)
+        _fsync(target.parent)
+        return
+    if not target.is_dir():
+        raise CavMaeError(f"Cannot save a model to {target}: it exists and is not a folder.")
+    order = lambda path: (not WEIGHTS_PATTERN.match(path.name), path.name == "config.json")  # noqa: E731
+    entries = sorted(staging.iterdir(), key=order)
+    new_names = {path.name for path in entries}
+    for entry in entries:
+        _replace_entry(entry, target / entry.name)
+        if not WEIGHTS_PATTERN.match(entry.name):
+            continue
+        for stale in target.iterdir():  # once the new weights are in, drop the old save's other weight files
+            if WEIGHTS_PATTERN.match(stale.name) and stale.name not in new_names and stale.is_file():
+                stale.unlink()
+    _fsync(target)
+
+
+@contextmanager
+def staged_directory(target):
+    """
+    Yield a fresh staging folder beside `target` (same file system, so renames are atomic); when the block ends
+    without an error, its content is moved into place with [`move_into_place`]. The staging folder is removed in
+    every case, so an interrupted or failed write leaves `target` untouched and no half-written folder behind.
+    """
+    target = Path(os.path.abspath(target))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
+    try:
+        yield staging
+        move_into_place(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Trainer
 # ----------------------------------------------------------------------------------------------------------------
 class CavMaeTrainer(Trainer):
@@ -413,19 +640,29 @@ class CavMaeTrainer(Trainer):
     optimizer, head learning rate, step schedule, balanced sampler, backbone freezing and weight averaging; with
     plain `TrainingArguments` it behaves as `Trainer` apart from the loss-component logging.
 
+    Fault handling: clips the transforms skipped are logged as `skipped_clips` (the run's total, over all
+    processes) and `eval_skipped_clips`; training transforms whose `seed` is None get `data_seed` (or `seed`) and
+    the epoch, so that a resumed run repeats the uninterrupted one's augmentation; `train(resume_from_checkpoint=
+    True)` takes the newest complete checkpoint; `save_model` never leaves a half-written model (see
+    [`move_into_place`]); under `torch.distributed` an exception is logged with, and noted on, the failing rank.
+
     Args:
         sample_weights (*optional*): per-clip sampling weights (overrides `balanced_sampling`'s own).
         Other arguments: as `Trainer`; `data_collator` defaults to [`AudioVisualDataCollator`].
     """
 
     def __init__(self, *args, sample_weights=None, **kwargs):
-        if kwargs.get("data_collator") is None:
-            kwargs["data_collator"] = AudioVisualDataCollator()
+        collator = kwargs.get("data_collator")
+        if collator is None or (isinstance(collator, AudioVisualDataCollator) and not collator.report_skipped):
+            kwargs["data_collator"] = AudioVisualDataCollator(report_skipped=True)
         super().__init__(*args, **kwargs)
         self.sample_weights = sample_weights
         self._component_totals = {"train": defaultdict(float), "eval": defaultdict(float)}
         self._component_counts = {"train": defaultdict(int), "eval": defaultdict(int)}
+        self._skipped_pending = {"train": torch.zeros((), dtype=torch.long), "eval": torch.zeros((), dtype=torch.long)}
+        self._skipped_total = None
         self._update_steps_per_epoch = None
+        self.add_callback(_AugmentationEpochCallback(self))
         if getattr(self.args, "freeze_base", False):
             trainable = freeze_backbone(self.model)
             logger.info(f"freeze_base: only the classification head is trained ({trainable:,} parameters).")
@@ -436,14 +673,45 @@ class CavMaeTrainer(Trainer):
     def weight_averaging_callback(self) -> WeightAveragingCallback | None:
         return next((cb for cb in self.callback_handler.callbacks if isinstance(cb, WeightAveragingCallback)), None)
 
+    @property
+    def reports_skipped_clips(self) -> bool:
+        return isinstance(self.data_collator, AudioVisualDataCollator) and self.data_collator.report_skipped
+
     # Training entry point ------------------------------------------------------------------------------------
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        checkpoint = resume_from_checkpoint
-        if checkpoint is True:
-            checkpoint = get_last_checkpoint(self.args.output_dir)
-        if checkpoint and self.weight_averaging_callback is not None:
-            self.weight_averaging_callback.load_from_checkpoint(checkpoint)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise CavMaeError(f"resume_from_checkpoint=True: no complete checkpoint in {self.args.output_dir}.")
+        if resume_from_checkpoint and self.weight_averaging_callback is not None:
+            self.weight_averaging_callback.load_from_checkpoint(resume_from_checkpoint)
+        self._seed_augmentation()
+        self._skipped_total = None
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        except Exception as error:
+            self._name_failing_process(error)
+            raise
+
+    def _seed_augmentation(self) -> None:
+        """Give training transforms without a `seed` the run's data seed (they are seeded per batch from it)."""
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        for transform in attached_transforms(self.train_dataset):
+            if transform.seed is None:
+                transform.seed = seed
+
+    def _name_failing_process(self, error: BaseException) -> None:
+        """Under torch.distributed, say which process failed: in the log and as a note on the exception (the other
+        processes then fail in their next collective, or are stopped by torchrun)."""
+        if self.args.world_size <= 1:
+            return
+        where = (
+            f"process rank {self.args.process_index} (local rank {self.args.local_process_index}) of "
+            f"{self.args.world_size}, at global step {self.state.global_step}"
+        )
+        logger.error(f"Training failed on {where}: {type(error).__name__}: {error}")
+        if hasattr(error, "add_note"):
+            error.add_note(f"cavmae-hf: raised on {where}.")
 
     def set_initial_training_values(self, args, dataloader):
         values = super().set_initial_training_values(args, dataloader)
@@ -511,9 +779,9 @@ class CavMaeTrainer(Trainer):
             weights = balanced_sample_weights(dataset)
         if weights is None:
             return super()._get_train_sampler(train_dataset)
-        generator = torch.Generator()
-        generator.manual_seed(self.args.seed)  # the same draws on every process; accelerate shards the batches
-        return WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(weights), True, generator)
+        # the same draws on every process (accelerate shards the batches), and per epoch (resuming repeats them)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return EpochSeededWeightedSampler(weights, len(weights), seed)
 
     # Loss components ---------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -542,19 +810,76 @@ class CavMaeTrainer(Trainer):
         counts.clear()
         return means
 
+    # Skipped clips ---------------------------------------------------------------------------------------------
+    def _prepare_inputs(self, inputs):
+        if isinstance(inputs, MutableMapping) and SKIPPED_CLIPS in inputs:
+            skipped = inputs.pop(SKIPPED_CLIPS)
+            split = "train" if self.model.training else "eval"
+            self._skipped_pending[split] = self._skipped_pending[split] + skipped.detach().sum().cpu()
+        return super()._prepare_inputs(inputs)
+
+    def _pop_skipped(self, split: str) -> int:
+        """Clips skipped since the last call, summed over processes (a collective: every process calls it)."""
+        pending = self._skipped_pending[split].to(self.args.device)
+        self._skipped_pending[split] = torch.zeros((), dtype=torch.long)
+        return int(self.accelerator.reduce(pending, reduction="sum"))
+
+    def _skipped_so_far(self) -> int:
+        """The run's total of skipped training clips, continued from the log history of a resumed checkpoint."""
+        if self._skipped_total is None:
+            logged = [entry[SKIPPED_CLIPS] for entry in self.state.log_history if SKIPPED_CLIPS in entry]
+            self._skipped_total = int(logged[-1]) if logged else 0
+        self._skipped_total += self._pop_skipped("train")
+        return self._skipped_total
+
+    # Logging ------------------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs and self._component_counts["train"]:
             logs.update(self._pop_component_means("train"))
+        if "loss" in logs and self.reports_skipped_clips:
+            logs[SKIPPED_CLIPS] = self._skipped_so_far()
         super().log(logs, *args, **kwargs)
 
     def evaluation_loop(self, *args, **kwargs):
         self._component_totals["eval"].clear()
         self._component_counts["eval"].clear()
+        self._skipped_pending["eval"] = torch.zeros((), dtype=torch.long)
         output = super().evaluation_loop(*args, **kwargs)
         prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
         for name, value in self._pop_component_means("eval").items():
             output.metrics[f"{prefix}_{name}"] = value
+        if self.reports_skipped_clips:
+            output.metrics[f"{prefix}_{SKIPPED_CLIPS}"] = self._pop_skipped("eval")
         return output
+
+    # Saving -------------------------------------------------------------------------------------------------------
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """
+        `Trainer.save_model`, written into a staging folder beside `output_dir` and moved into place when complete
+        (see [`move_into_place`]): a failure or a kill while writing leaves the previous model as it was. Trainer
+        checkpoints (`_internal_call`) and DeepSpeed / FSDP / XLA saves, where every process writes, are written
+        as by `Trainer`; resuming skips incomplete checkpoints (see [`last_complete_checkpoint`]).
+        """
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if _internal_call or not self.args.should_save or not self._saves_from_one_process():
+            return super().save_model(output_dir, _internal_call=_internal_call)
+        with staged_directory(output_dir) as staging:
+            super().save_model(str(staging), _internal_call=True)
+        if self.args.push_to_hub:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _saves_from_one_process(self) -> bool:
+        """Whether `save_model` writes from the main process alone (plain or DDP training)."""
+        from transformers.utils import is_sagemaker_mp_enabled, is_torch_xla_available
+
+        sharded = getattr(self, "is_distributed_loading_by_transformers", False)
+        return not (
+            self.is_deepspeed_enabled
+            or self.is_fsdp_enabled
+            or sharded
+            or is_torch_xla_available()
+            or is_sagemaker_mp_enabled()
+        )
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         if not is_pretraining_model(self.accelerator.unwrap_model(model)):
