@@ -305,10 +305,32 @@ def _distributed_world_size() -> int:
     return 1
 
 
-def _all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.nn.functional import all_gather
+class _AllGatherWithGrad(torch.autograd.Function):
+    """
+    `[b, D]` per process -> `[sum of b, D]`, every process's rows in rank order. Backward sums the incoming gradients
+    over processes (each computed the loss over all rows) and returns this process's slice of the sum.
+    """
 
-    return torch.cat(all_gather(tensor), dim=0)
+    @staticmethod
+    def forward(ctx, tensor):
+        distributed = torch.distributed
+        sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(distributed.get_world_size())]
+        distributed.all_gather(sizes, torch.tensor([tensor.shape[0]], device=tensor.device))
+        sizes = [int(size) for size in sizes]
+        gathered = [tensor.new_empty((size,) + tensor.shape[1:]) for size in sizes]
+        distributed.all_gather(gathered, tensor.contiguous())
+        ctx.sizes, ctx.rank = sizes, distributed.get_rank()
+        return torch.cat(gathered, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad = grad_output.contiguous()
+        torch.distributed.all_reduce(grad)
+        return grad.split(ctx.sizes, dim=0)[ctx.rank]
+
+
+def _all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    return _AllGatherWithGrad.apply(tensor)
 
 
 # ----------------------------------------------------------------------------------------------------------------
