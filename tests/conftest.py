@@ -1,4 +1,5 @@
-"""Shared test helpers: the fixtures folder, tiny configurations, deterministic seeds."""
+"""Shared test helpers: the fixtures folder, tiny configurations, deterministic seeds, one torch thread, the
+in-process command line."""
 
 from pathlib import Path
 
@@ -42,6 +43,25 @@ def tiny_config():
     from cavmae_hf import CavMaeConfig
 
     return CavMaeConfig(**tiny_config_kwargs())
+
+
+@pytest.fixture(scope="module")
+def one_thread_per_module():
+    """One torch thread for a whole test module, its module-scoped fixtures included (`_seed_and_one_thread` below
+    only covers each test). Use with `pytestmark = pytest.mark.usefixtures("one_thread_per_module")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_cli(argv, capsys):
+    """Run the `cavmae` command line in-process on `argv` (paths allowed); returns (exit code, stdout, stderr)."""
+    from cavmae_hf import cli
+
+    code = cli.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 @pytest.fixture(autouse=True)

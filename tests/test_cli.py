@@ -8,7 +8,7 @@ import types
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURES
+from conftest import FIXTURES, run_cli
 from inference_helpers import save_tiny_classifier, save_tiny_pretraining, write_clip, write_wav
 from PIL import Image
 
@@ -30,12 +30,6 @@ def workspace(tmp_path_factory):
     return folder
 
 
-def run(argv, capsys):
-    code = cli.main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def assert_one_line_error(code, err, expected_code=2, contains=""):
     assert code == expected_code
     lines = [line for line in err.splitlines() if line.strip()]
@@ -47,7 +41,7 @@ def assert_one_line_error(code, err, expected_code=2, contains=""):
 # Help and usage
 # ----------------------------------------------------------------------------------------------------------------
 def test_help(capsys):
-    code, out, _ = run(["--help"], capsys)
+    code, out, _ = run_cli(["--help"], capsys)
     assert code == 0
     for command in SUBCOMMANDS + ["convert", "demo"]:
         assert command in out
@@ -55,15 +49,15 @@ def test_help(capsys):
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
 def test_subcommand_help(command, capsys):
-    code, out, _ = run([command, "--help"], capsys)
+    code, out, _ = run_cli([command, "--help"], capsys)
     assert code == 0 and f"usage: cavmae {command}" in out and "--model" in out
 
 
 def test_usage_errors_exit_2(capsys):
-    assert run([], capsys)[0] == 2
-    assert run(["classify"], capsys)[0] == 2  # no video, no --model
-    assert run(["frobnicate"], capsys)[0] == 2
-    code, _, err = run(["classify", "x.mp4", "--model", "m", "--bogus"], capsys)
+    assert run_cli([], capsys)[0] == 2
+    assert run_cli(["classify"], capsys)[0] == 2  # no video, no --model
+    assert run_cli(["frobnicate"], capsys)[0] == 2
+    code, _, err = run_cli(["classify", "x.mp4", "--model", "m", "--bogus"], capsys)
     assert code == 2 and "unrecognized arguments: --bogus" in err
 
 
@@ -78,7 +72,7 @@ def test_console_script_is_installed():
 # ----------------------------------------------------------------------------------------------------------------
 def test_classify_json(workspace, capsys):
     videos = [workspace / "clip_0.mp4", workspace / "silent.mp4", workspace / "tone.wav"]
-    code, out, _ = run(
+    code, out, _ = run_cli(
         [
             "classify",
             *videos,
@@ -104,7 +98,7 @@ def test_classify_json(workspace, capsys):
 
 
 def test_classify_text(workspace, capsys):
-    code, out, _ = run(
+    code, out, _ = run_cli(
         ["classify", workspace / "clip_1.mp4", "--model", workspace / "classifier", "--top-k", 3], capsys
     )
     lines = out.splitlines()
@@ -115,25 +109,25 @@ def test_classify_text(workspace, capsys):
 def test_classify_input_errors_are_one_line(workspace, capsys):
     model = workspace / "classifier"
     assert_one_line_error(
-        *run(["classify", workspace / "missing.mp4", "--model", model], capsys)[::2], contains="File not found"
+        *run_cli(["classify", workspace / "missing.mp4", "--model", model], capsys)[::2], contains="File not found"
     )
     assert_one_line_error(
-        *run(["classify", workspace / "broken.mp4", "--model", model], capsys)[::2],
+        *run_cli(["classify", workspace / "broken.mp4", "--model", model], capsys)[::2],
         contains="not a readable media file",
     )
     assert_one_line_error(
-        *run(["classify", workspace / "clip_0.mp4", "--model", workspace / "nowhere"], capsys)[::2],
+        *run_cli(["classify", workspace / "clip_0.mp4", "--model", workspace / "nowhere"], capsys)[::2],
         contains="Model directory not found",
     )
     assert_one_line_error(
-        *run(["classify", workspace / "clip_0.mp4", "--model", workspace], capsys)[::2], contains="no config.json"
+        *run_cli(["classify", workspace / "clip_0.mp4", "--model", workspace], capsys)[::2], contains="no config.json"
     )
     assert_one_line_error(
-        *run(["classify", workspace / "clip_0.mp4", "--model", workspace / "pretrained"], capsys)[::2],
+        *run_cli(["classify", workspace / "clip_0.mp4", "--model", workspace / "pretrained"], capsys)[::2],
         contains="CavMaeForAudioVisualClassification checkpoint",
     )
     assert_one_line_error(
-        *run(["classify", workspace / "clip_0.mp4", "--model", model, "--top-k", 0], capsys)[::2], contains="--top-k"
+        *run_cli(["classify", workspace / "clip_0.mp4", "--model", model, "--top-k", 0], capsys)[::2], contains="--top-k"
     )
 
 
@@ -142,7 +136,7 @@ def test_unexpected_errors_exit_1(workspace, capsys, monkeypatch):
         raise RuntimeError("something broke")
 
     monkeypatch.setattr(cli, "run_classify", explode)
-    code, _, err = run(["classify", workspace / "clip_0.mp4", "--model", workspace / "classifier"], capsys)
+    code, _, err = run_cli(["classify", workspace / "clip_0.mp4", "--model", workspace / "classifier"], capsys)
     assert code == 1 and "unexpected error: RuntimeError: something broke" in err and "Traceback" not in err
     with pytest.raises(RuntimeError):
         cli.main(["--debug", "classify", str(workspace / "clip_0.mp4"), "--model", str(workspace / "classifier")])
@@ -154,7 +148,7 @@ def test_unexpected_errors_exit_1(workspace, capsys, monkeypatch):
 def test_embed_then_retrieve(workspace, tmp_path, capsys):
     gallery = [workspace / f"clip_{i}.mp4" for i in range(3)] + [workspace / "silent.mp4"]
     index = tmp_path / "index.safetensors"
-    code, out, _ = run(
+    code, out, _ = run_cli(
         ["embed", *gallery, "--model", workspace / "classifier", "--output", index, "--json", "--num-frames", 4, "-q"],
         capsys,
     )
@@ -163,7 +157,7 @@ def test_embed_then_retrieve(workspace, tmp_path, capsys):
     assert summary["clips"] == 4 and summary["modalities"] == ["audio", "visual"] and summary["dim"] == 32
     assert len(summary["embeddings"][0]["audio_embeds"]) == 32 and "audio_embeds" not in summary["embeddings"][3]
 
-    code, out, _ = run(
+    code, out, _ = run_cli(
         [
             "retrieve",
             gallery[1],
@@ -188,7 +182,7 @@ def test_embed_then_retrieve(workspace, tmp_path, capsys):
     assert result["query"] == str(gallery[1]) and len(result["hits"]) == 2
     assert result["hits"][0]["key"] == str(gallery[1]) and result["hits"][0]["score"] == pytest.approx(1.0, abs=1e-4)
 
-    code, out, _ = run(
+    code, out, _ = run_cli(
         ["retrieve", workspace / "tone.wav", "--index", index, "--model", workspace / "classifier", "--num-frames", 4],
         capsys,
     )
@@ -197,15 +191,15 @@ def test_embed_then_retrieve(workspace, tmp_path, capsys):
 
 def test_embed_and_retrieve_errors(workspace, tmp_path, capsys):
     model = workspace / "classifier"
-    assert_one_line_error(*run(["embed", workspace / "clip_0.mp4", "--model", model], capsys)[::2], contains="--output")
+    assert_one_line_error(*run_cli(["embed", workspace / "clip_0.mp4", "--model", model], capsys)[::2], contains="--output")
     assert_one_line_error(
-        *run(
+        *run_cli(
             ["retrieve", workspace / "clip_0.mp4", "--model", model, "--index", tmp_path / "none.safetensors"], capsys
         )[::2],
         contains="Index file not found",
     )
     assert_one_line_error(
-        *run(["retrieve", workspace / "clip_0.mp4", "--model", model, "--index", workspace / "broken.mp4"], capsys)[
+        *run_cli(["retrieve", workspace / "clip_0.mp4", "--model", model, "--index", workspace / "broken.mp4"], capsys)[
             ::2
         ],
         contains="not a safetensors file",
@@ -217,7 +211,7 @@ def test_embed_and_retrieve_errors(workspace, tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------------------------
 def test_reconstruct_writes_the_png(workspace, tmp_path, capsys):
     output = tmp_path / "figure.png"
-    code, out, _ = run(
+    code, out, _ = run_cli(
         [
             "reconstruct",
             workspace / "clip_2.mp4",
@@ -244,15 +238,15 @@ def test_reconstruct_writes_the_png(workspace, tmp_path, capsys):
 
 def test_reconstruct_errors(workspace, capsys):
     assert_one_line_error(
-        *run(["reconstruct", workspace / "clip_0.mp4", "--model", workspace / "classifier"], capsys)[::2],
+        *run_cli(["reconstruct", workspace / "clip_0.mp4", "--model", workspace / "classifier"], capsys)[::2],
         contains="CavMaeForPreTraining checkpoint",
     )
     assert_one_line_error(
-        *run(["reconstruct", workspace / "silent.mp4", "--model", workspace / "pretrained"], capsys)[::2],
+        *run_cli(["reconstruct", workspace / "silent.mp4", "--model", workspace / "pretrained"], capsys)[::2],
         contains="needs audio and frames",
     )
     assert (
-        run(
+        run_cli(
             ["reconstruct", workspace / "clip_0.mp4", "--model", workspace / "pretrained", "--visual-mask-ratio", 1.5],
             capsys,
         )[0]
@@ -264,23 +258,38 @@ def test_reconstruct_errors(workspace, capsys):
 # convert, demo
 # ----------------------------------------------------------------------------------------------------------------
 def test_convert(tmp_path, capsys):
-    code, out, _ = run(
+    code, out, _ = run_cli(
         ["convert", "--checkpoint", FIXTURES / "original" / "tiny_pretrain.pth", "--output", tmp_path / "converted"],
         capsys,
     )
     assert code == 0 and json.loads(out)["model_class"] == "CavMaeForPreTraining"
     assert (tmp_path / "converted" / "config.json").is_file()
     assert (tmp_path / "converted" / "README.md").read_text().startswith("---")
-    code, out, _ = run(["convert", "--help"], capsys)
+    code, out, _ = run_cli(["convert", "--help"], capsys)
     assert code == 0 and "--checkpoint" in out
-    code, _, err = run(["convert", "--checkpoint", tmp_path / "missing.pth", "--output", tmp_path / "x"], capsys)
+    code, _, err = run_cli(["convert", "--checkpoint", tmp_path / "missing.pth", "--output", tmp_path / "x"], capsys)
     assert code == 2 and "error" in err
 
 
 def test_demo_missing_is_a_clear_error(monkeypatch, capsys):
     monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None)
-    code, _, err = run(["demo"], capsys)
+    code, _, err = run_cli(["demo"], capsys)
     assert code == 2 and "demo is not available" in err
+
+
+def test_demo_missing_dependency_names_it_and_the_install_command(monkeypatch, capsys):
+    import_module = cli.importlib.import_module
+
+    def without_datasets(name, *args, **kwargs):
+        if name == "cavmae_hf.demo":
+            raise ImportError("No module named 'datasets'")
+        return import_module(name, *args, **kwargs)
+
+    monkeypatch.setattr(cli.importlib, "import_module", without_datasets)
+    code, out, err = run_cli(["demo", "--quick"], capsys)
+    assert code == 2 and out == ""
+    assert_one_line_error(code, err, contains="without the module 'datasets'")
+    assert 'pip install "cavmae-hf[demo]"' in err
 
 
 def test_demo_is_delegated(monkeypatch, capsys):
@@ -290,6 +299,6 @@ def test_demo_is_delegated(monkeypatch, capsys):
     demo.add_arguments = lambda parser: parser.add_argument("--port", type=int, default=7860)
     demo.run = lambda args: calls.append(args.port) or 0
     monkeypatch.setitem(sys.modules, "cavmae_hf.demo", demo)
-    assert run(["demo", "--port", 1234], capsys)[0] == 0 and calls == [1234]
-    code, out, _ = run(["demo", "--help"], capsys)
+    assert run_cli(["demo", "--port", 1234], capsys)[0] == 0 and calls == [1234]
+    code, out, _ = run_cli(["demo", "--help"], capsys)
     assert code == 0 and "usage: cavmae demo" in out and "--port" in out

@@ -14,7 +14,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import FIXTURES, tiny_config_kwargs
+from conftest import FIXTURES, run_cli, tiny_config_kwargs
 from inference_helpers import clip_audio, clip_frames, save_tiny_classifier, write_clip
 from safetensors.torch import load_file, save_file
 
@@ -45,12 +45,7 @@ PRETRAIN = FIXTURES / "original" / "tiny_pretrain.pth"
 FINETUNED = FIXTURES / "original" / "tiny_finetuned.pth"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -561,12 +556,6 @@ def test_load_model_checks_before_from_pretrained(workspace):
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
-def run_cli(argv, capsys):
-    code = cli.main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def assert_one_line(code, err, message, expected_code=2):
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == expected_code, err

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FIXTURES, tiny_config_kwargs
+from conftest import FIXTURES, run_cli, tiny_config_kwargs
 from inference_helpers import save_tiny_classifier, save_tiny_pretraining, write_clip, write_png, write_wav
 from safetensors import safe_open
 from transformers import (
@@ -56,18 +56,7 @@ FINETUNED = FIXTURES / "original" / "tiny_finetuned.pth"
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy", ".npz", ".joblib"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def run_cli(argv, capsys):
-    code = cli.main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -16,7 +16,10 @@ import argparse
 import importlib
 import importlib.util
 import json
+import re
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from .configuration_cav_mae import CavMaeError
@@ -132,6 +135,24 @@ def _print_json(value):
     print(json.dumps(value, indent=2, ensure_ascii=False))
 
 
+def _report(args, value, lines) -> int:
+    """Print `value` as JSON with --json, else the human-readable `lines`; returns the command's exit code."""
+    if args.json:
+        _print_json(value)
+    else:
+        for line in lines:
+            print(line)
+    return EXIT_OK
+
+
+def _grouped_lines(results: list[dict], title: str, entries: str, entry_line):
+    """Text output of per-input results: each `result[title]`, then `entry_line(entry)` for its `result[entries]`."""
+    for result in results:
+        yield result[title]
+        for entry in result[entries]:
+            yield entry_line(entry)
+
+
 def _add_model_options(parser, frames: bool = True, batch: bool = True):
     parser.add_argument("--model", required=True, help="model directory (save_pretrained / converted) or Hub id")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
@@ -169,14 +190,11 @@ def run_classify(args) -> int:
         {"input": video, "labels": labels}
         for video, labels in zip(videos, _progress(outputs, len(videos), "classifying", args))
     ]
-    if args.json:
-        _print_json(results)
-    else:
-        for result in results:
-            print(result["input"])
-            for entry in result["labels"]:
-                print(f"  {entry['score']:.4f}  {entry['label']}")
-    return EXIT_OK
+    return _report(args, results, _grouped_lines(results, "input", "labels", _label_line))
+
+
+def _label_line(entry: dict) -> str:
+    return f"  {entry['score']:.4f}  {entry['label']}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -207,7 +225,7 @@ def run_embed(args) -> int:
         index.save(args.output)
         summary.update(index=str(args.output), modalities=list(index.modalities), dim=index.dim)
     if args.json:
-        embeddings = [
+        summary["embeddings"] = [
             {
                 "input": source,
                 **{
@@ -218,10 +236,9 @@ def run_embed(args) -> int:
             }
             for source, clip in zip(sources, clips)
         ]
-        _print_json({**summary, "embeddings": embeddings})
-    else:
-        print(f"embedded {summary['clips']} clip(s)" + (f" into {args.output}" if args.output else ""))
-    return EXIT_OK
+    return _report(
+        args, summary, [f"embedded {summary['clips']} clip(s)" + (f" into {args.output}" if args.output else "")]
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -247,14 +264,11 @@ def run_retrieve(args) -> int:
             num_frames=args.num_frames,
         )
         results.append({"query": query, "hits": [hit.to_dict() for hit in hits]})
-    if args.json:
-        _print_json(results)
-    else:
-        for result in results:
-            print(result["query"])
-            for hit in result["hits"]:
-                print(f"  {hit['rank']:>3}. {hit['score']:+.4f}  {hit['key']}")
-    return EXIT_OK
+    return _report(args, results, _grouped_lines(results, "query", "hits", _hit_line))
+
+
+def _hit_line(hit: dict) -> str:
+    return f"  {hit['rank']:>3}. {hit['score']:+.4f}  {hit['key']}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -295,11 +309,11 @@ def run_reconstruct(args) -> int:
         "visual_mae_loss": result.visual_mae_loss,
         "norm_pix_loss": result.norm_pix_loss,
     }
-    if args.json:
-        _print_json(summary)
-    else:
-        print(f"wrote {output} (audio MSE {result.audio_mae_loss:.4f}, visual MSE {result.visual_mae_loss:.4f})")
-    return EXIT_OK
+    return _report(
+        args,
+        summary,
+        [f"wrote {output} (audio MSE {result.audio_mae_loss:.4f}, visual MSE {result.visual_mae_loss:.4f})"],
+    )
 
 
 def _mask_ratio(text: str) -> float:
@@ -325,7 +339,7 @@ def run_demo(args) -> int:
     try:
         demo = importlib.import_module("cavmae_hf.demo")
     except ImportError as error:
-        print(f"error: the demo cannot start: {error} (install its dependencies).", file=sys.stderr)
+        print(f"error: {_missing_demo_dependency(error)}", file=sys.stderr)
         return EXIT_USAGE
     parser = argparse.ArgumentParser(
         prog="cavmae demo", description=(demo.__doc__ or "").strip().split("\n")[0] or None
@@ -334,12 +348,112 @@ def run_demo(args) -> int:
     return int(demo.run(parser.parse_args(args.passthrough)) or 0)
 
 
+def _missing_demo_dependency(error: ImportError) -> str:
+    """One line naming the module the demo could not import and how to install the demo's dependencies."""
+    match = re.search(r"No module named '([^']+)'", str(error))
+    module = error.name or (match.group(1) if match else None)
+    missing = f"without the module {module!r} ({_one_line(error)})" if module else f"({_one_line(error)})"
+    return f'the demo cannot start {missing}. Install its dependencies with: pip install "cavmae-hf[demo]"'
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Parser
 # ----------------------------------------------------------------------------------------------------------------
 def _add_common_options(parser, default):
     parser.add_argument("--quiet", "-q", action="store_true", default=default, help="no progress bars")
     parser.add_argument("--debug", action="store_true", default=default, help="show tracebacks of errors")
+
+
+def _add_inputs(parser, metavar: str):
+    parser.add_argument("inputs", nargs="+", metavar=metavar, help="video, audio or image files")
+
+
+def _classify_options(parser):
+    _add_inputs(parser, "VIDEO")
+    _add_model_options(parser)
+    parser.add_argument("--top-k", type=int, default=5, help="labels per input (default: 5)")
+
+
+def _embed_options(parser):
+    _add_inputs(parser, "VIDEO")
+    _add_model_options(parser)
+    parser.add_argument("--output", "-o", type=Path, help="index file to write (.safetensors)")
+
+
+def _retrieve_options(parser):
+    _add_inputs(parser, "QUERY")
+    parser.add_argument("--index", required=True, type=Path, help="index written by `cavmae embed --output`")
+    _add_model_options(parser, batch=False)
+    parser.add_argument("--top-k", type=int, default=5, help="results per query (default: 5)")
+    parser.add_argument("--query-modality", choices=["audio", "visual"], help="which embedding of the query to use")
+    parser.add_argument("--target-modality", choices=["audio", "visual"], help="which embeddings of the index to match")
+
+
+def _reconstruct_options(parser):
+    parser.add_argument("input", metavar="VIDEO", help="video file with an audio track")
+    _add_model_options(parser, batch=False)
+    parser.add_argument("--output", "-o", type=Path, default=Path("reconstruction.png"), help="PNG to write")
+    parser.add_argument("--frame-index", type=int, help="which sampled frame to show (default: the middle one)")
+    parser.add_argument("--audio-mask-ratio", type=_mask_ratio, help="default: the model's (0.75)")
+    parser.add_argument("--visual-mask-ratio", type=_mask_ratio, help="default: the model's (0.75)")
+    parser.add_argument("--audio-mask-mode", choices=["unstructured", "time", "freq", "tf"])
+    parser.add_argument("--seed", type=int, default=0, help="seed of the masks (default: 0)")
+    parser.add_argument("--dpi", type=int, default=100, help="PNG resolution; the figure is 15 x 7.5 inches")
+
+
+@dataclass(frozen=True)
+class _Command:
+    """A subcommand that runs a model: `add_options` adds its own options, `--json` and the handler are common."""
+
+    name: str
+    handler: Callable[[argparse.Namespace], int]
+    add_options: Callable[[argparse.ArgumentParser], None]
+    help: str
+    description: str
+
+
+def _model_commands() -> tuple[_Command, ...]:
+    """The subcommands that run a model (built when the parser is, so that the handlers are looked up then)."""
+    return (
+        _Command(
+            "classify",
+            run_classify,
+            _classify_options,
+            help="labels of videos (audio track + frames), audio files or images",
+            description="Classify each input with an audio-visual classification model; prints the top labels.",
+        ),
+        _Command(
+            "embed",
+            run_embed,
+            _embed_options,
+            help="pooled audio / visual embeddings; writes a retrieval index",
+            description="Embed clips with a CAV-MAE model. --output writes a safetensors retrieval index for "
+            "`cavmae retrieve`; --json prints the embeddings.",
+        ),
+        _Command(
+            "retrieve",
+            run_retrieve,
+            _retrieve_options,
+            help="nearest clips of an index for videos, audio files or images",
+            description="Search an index written by `cavmae embed`. By default a query is matched across modalities: "
+            "its audio against the clips' frames (audio files, videos), its frames against the clips' audio (images).",
+        ),
+        _Command(
+            "reconstruct",
+            run_reconstruct,
+            _reconstruct_options,
+            help="mask and reconstruct a video's audio and a frame; writes a PNG",
+            description="Masked reconstruction with a pretraining checkpoint: original / masked / reconstruction of "
+            "one frame and of the spectrogram, as a PNG.",
+        ),
+    )
+
+
+def _add_model_command(commands, common, command: _Command):
+    parser = commands.add_parser(command.name, parents=[common], help=command.help, description=command.description)
+    command.add_options(parser)
+    _add_output_options(parser)
+    parser.set_defaults(handler=command.handler)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -353,68 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common = argparse.ArgumentParser(add_help=False)
     _add_common_options(common, default=argparse.SUPPRESS)  # also accepted after the command
-
-    classify = commands.add_parser(
-        "classify",
-        parents=[common],
-        help="labels of videos (audio track + frames), audio files or images",
-        description="Classify each input with an audio-visual classification model; prints the top labels.",
-    )
-    classify.add_argument("inputs", nargs="+", metavar="VIDEO", help="video, audio or image files")
-    _add_model_options(classify)
-    classify.add_argument("--top-k", type=int, default=5, help="labels per input (default: 5)")
-    _add_output_options(classify)
-    classify.set_defaults(handler=run_classify)
-
-    embed = commands.add_parser(
-        "embed",
-        parents=[common],
-        help="pooled audio / visual embeddings; writes a retrieval index",
-        description="Embed clips with a CAV-MAE model. --output writes a safetensors retrieval index for "
-        "`cavmae retrieve`; --json prints the embeddings.",
-    )
-    embed.add_argument("inputs", nargs="+", metavar="VIDEO", help="video, audio or image files")
-    _add_model_options(embed)
-    embed.add_argument("--output", "-o", type=Path, help="index file to write (.safetensors)")
-    _add_output_options(embed)
-    embed.set_defaults(handler=run_embed)
-
-    retrieve = commands.add_parser(
-        "retrieve",
-        parents=[common],
-        help="nearest clips of an index for videos, audio files or images",
-        description="Search an index written by `cavmae embed`. By default a query is matched across modalities: "
-        "its audio against the clips' frames (audio files, videos), its frames against the clips' audio (images).",
-    )
-    retrieve.add_argument("inputs", nargs="+", metavar="QUERY", help="video, audio or image files")
-    retrieve.add_argument("--index", required=True, type=Path, help="index written by `cavmae embed --output`")
-    _add_model_options(retrieve, batch=False)
-    retrieve.add_argument("--top-k", type=int, default=5, help="results per query (default: 5)")
-    retrieve.add_argument("--query-modality", choices=["audio", "visual"], help="which embedding of the query to use")
-    retrieve.add_argument(
-        "--target-modality", choices=["audio", "visual"], help="which embeddings of the index to match"
-    )
-    _add_output_options(retrieve)
-    retrieve.set_defaults(handler=run_retrieve)
-
-    reconstruct = commands.add_parser(
-        "reconstruct",
-        parents=[common],
-        help="mask and reconstruct a video's audio and a frame; writes a PNG",
-        description="Masked reconstruction with a pretraining checkpoint: original / masked / reconstruction of "
-        "one frame and of the spectrogram, as a PNG.",
-    )
-    reconstruct.add_argument("input", metavar="VIDEO", help="video file with an audio track")
-    _add_model_options(reconstruct, batch=False)
-    reconstruct.add_argument("--output", "-o", type=Path, default=Path("reconstruction.png"), help="PNG to write")
-    reconstruct.add_argument("--frame-index", type=int, help="which sampled frame to show (default: the middle one)")
-    reconstruct.add_argument("--audio-mask-ratio", type=_mask_ratio, help="default: the model's (0.75)")
-    reconstruct.add_argument("--visual-mask-ratio", type=_mask_ratio, help="default: the model's (0.75)")
-    reconstruct.add_argument("--audio-mask-mode", choices=["unstructured", "time", "freq", "tf"])
-    reconstruct.add_argument("--seed", type=int, default=0, help="seed of the masks (default: 0)")
-    reconstruct.add_argument("--dpi", type=int, default=100, help="PNG resolution; the figure is 15 x 7.5 inches")
-    _add_output_options(reconstruct)
-    reconstruct.set_defaults(handler=run_reconstruct)
+    for command in _model_commands():
+        _add_model_command(commands, common, command)
 
     convert = commands.add_parser(
         "convert", add_help=False, help="convert an original CAV-MAE .pth checkpoint (see `cavmae convert --help`)"

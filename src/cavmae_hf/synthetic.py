@@ -24,6 +24,7 @@ from frame to frame. Clips are written as real mp4 files (H.264 + AAC, through
 
 import colorsys
 import csv
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,31 +221,26 @@ def generate_clips(
             )
 
 
-def write_synthetic_videos(
-    root,
-    num_classes: int = 10,
-    clips_per_class: int = 64,
-    duration: float = 2.56,
-    image_size: int = 64,
-    fps: int = 10,
-    sampling_rate: int = 16000,
-    seed: int = 0,
-    progress: bool = False,
-) -> Path:
+def write_synthetic_videos(root, *args, progress: bool = False, **kwargs) -> Path:
     """
     Write a synthetic set as mp4 files in the folder layout `root/<class name>/<clip id>.mp4`, plus
     `root/metadata.csv` (`video,label,pitch,tempo,loudness`). Returns `root`.
+
+    The other arguments are those of [`generate_clips`] (`num_classes=10`, `clips_per_class=64`, `duration=2.56`,
+    `image_size=64`, `fps=10`, `sampling_rate=16000`, `seed=0`); `progress` shows a progress bar.
     """
     from .media import write_video
 
+    options = _clip_options(*args, **kwargs)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    clips = generate_clips(num_classes, clips_per_class, duration, image_size, fps, sampling_rate, seed)
+    clips = generate_clips(**options)
     if progress:
         from tqdm.auto import tqdm
 
-        clips = tqdm(clips, total=num_classes * clips_per_class, desc="Writing synthetic mp4 files", unit="clip")
-    names = [spec.name for spec in class_specs(num_classes)]
+        total = options["num_classes"] * options["clips_per_class"]
+        clips = tqdm(clips, total=total, desc="Writing synthetic mp4 files", unit="clip")
+    names = [spec.name for spec in class_specs(options["num_classes"])]
     rows = []
     for clip in clips:
         path = root / names[clip.label] / f"{clip.clip_id}.mp4"
@@ -257,6 +253,13 @@ def write_synthetic_videos(
         writer.writerow(["video", "label", "pitch", "tempo", "loudness"])
         writer.writerows(rows)
     return root
+
+
+def _clip_options(*args, **kwargs) -> dict:
+    """The arguments of [`generate_clips`] by name, defaults included (a `TypeError` for any it does not take)."""
+    options = inspect.signature(generate_clips).bind(*args, **kwargs)
+    options.apply_defaults()
+    return options.arguments
 
 
 __all__ = [
