@@ -18,6 +18,7 @@ from cavmae_hf.data import (
     LabelSet,
     add_noise_and_roll,
     balanced_sample_weights,
+    check_paths_within_root,
     dataset_from_csv,
     dataset_from_folder,
     dataset_from_reference_json,
@@ -336,3 +337,90 @@ def test_synthetic_clips_are_reproducible_and_distinct():
     pitches = np.array([clip.pitch for clip in clips])
     rows = np.array([shape_row(clip) for clip in clips])
     assert np.corrcoef(pitches, rows)[0, 1] < -0.9
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Restricting paths to a root
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def rooted(tmp_path):
+    """`root/` with a video, a wav and frames, and `outside/` beside it with the same; `root/link.mp4` and
+    `root/linked_frames` are symlinks to files outside."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    for folder in (root, outside):
+        (folder / "frames" / "frame_0").mkdir(parents=True)
+        (folder / "clip.mp4").write_bytes(b"video")
+        (folder / "clip.wav").write_bytes(b"audio")
+        (folder / "frames" / "frame_0" / "clip.jpg").write_bytes(b"jpeg")
+    (root / "link.mp4").symlink_to(outside / "clip.mp4")
+    (root / "linked_frames").symlink_to(outside / "frames", target_is_directory=True)
+    return root, outside
+
+
+def write_csv(path, videos):
+    path.write_text("video\n" + "".join(f"{video}\n" for video in videos))
+    return path
+
+
+@pytest.mark.parametrize(
+    "video",
+    ["../outside/clip.mp4", "ABSOLUTE", "link.mp4", "linked_frames/../clip.mp4"],
+    ids=["dot-dot", "absolute", "symlink", "through-a-symlinked-folder"],
+)
+def test_csv_paths_that_escape_the_allowed_root_are_refused(rooted, video):
+    root, outside = rooted
+    video = str(outside / "clip.mp4") if video == "ABSOLUTE" else video
+    csv_path = write_csv(root / "data.csv", ["clip.mp4", video])
+    with pytest.raises(CavMaeDataError, match="outside the allowed root") as caught:
+        dataset_from_csv(csv_path, allowed_root=True)
+    assert repr(str(root / video) if not video.startswith("/") else video) in str(caught.value)
+    assert len(dataset_from_csv(csv_path)) == 2  # no restriction unless asked for
+
+
+def test_paths_inside_the_root_pass_even_through_dot_dot_and_a_symlinked_root(rooted, tmp_path):
+    root, _ = rooted
+    (tmp_path / "root_link").symlink_to(root, target_is_directory=True)
+    csv_path = write_csv(root / "data.csv", ["clip.mp4", "frames/../clip.mp4", str(root / "clip.mp4")])
+    assert len(dataset_from_csv(csv_path, allowed_root=tmp_path / "root_link")) == 3
+    with pytest.raises(CavMaeDataError, match="is not a folder"):
+        dataset_from_csv(csv_path, allowed_root=tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"wav": "../outside/clip.wav"},
+        {"wav": "ABSOLUTE"},
+        {"video_id": "../../../outside/frames/frame_0/clip"},
+        {"video_path": "linked_frames"},
+    ],
+    ids=["wav-dot-dot", "wav-absolute", "video-id-dot-dot", "symlinked-frame-folder"],
+)
+def test_reference_json_paths_that_escape_the_allowed_root_are_refused(rooted, entry):
+    root, outside = rooted
+    entry = {key: str(outside / "clip.wav") if value == "ABSOLUTE" else value for key, value in entry.items()}
+    good = {"video_id": "clip", "wav": "clip.wav", "video_path": "frames", "labels": "/m/a"}
+    (root / "data.json").write_text(json.dumps({"data": [good, {**good, **entry}]}))
+    with pytest.raises(CavMaeDataError, match="outside the allowed root") as caught:
+        dataset_from_reference_json(root / "data.json", num_frames=1, allowed_root=True)
+    assert f"of clip {entry.get('video_id', 'clip')!r}" in str(caught.value)
+    assert len(dataset_from_reference_json(root / "data.json", num_frames=1)) == 2  # no restriction unless asked
+    (root / "ok.json").write_text(json.dumps([good]))
+    assert len(dataset_from_reference_json(root / "ok.json", num_frames=1, allowed_root=root)) == 1
+
+
+def test_folder_symlinks_and_foreign_datasets_are_checked(rooted, tmp_path):
+    _, outside = rooted
+    videos = tmp_path / "videos" / "class_a"
+    videos.mkdir(parents=True)
+    (videos / "clip.mp4").write_bytes(b"video")
+    (videos / "link.mp4").symlink_to(outside / "clip.mp4")
+    with pytest.raises(CavMaeDataError, match="link.mp4"):
+        dataset_from_folder(videos.parent, allowed_root=True)
+    (videos / "link.mp4").unlink()
+    dataset = dataset_from_folder(videos.parent, allowed_root=True)
+    assert dataset["video"] == [str(videos / "clip.mp4")]
+    check_paths_within_root(dataset, videos.parent)
+    foreign = dataset_from_csv(write_csv(tmp_path / "hub.csv", [str(outside / "clip.mp4")]))
+    with pytest.raises(CavMaeDataError, match="outside the allowed root"):
+        check_paths_within_root(foreign, videos.parent)

@@ -24,6 +24,12 @@ preprocessing of [`CavMaeFeatureExtractor`], and the reference's training-time a
 10 (the middle one at evaluation, or all of them for multi-frame evaluation), SpecAugment frequency/time masking
 (`freqm`, `timem`), mixup of waveforms, frames and labels (lambda ~ Beta(10, 10)), the noise + time-roll
 augmentation, and label smoothing. [`AudioVisualDataCollator`] stacks the results.
+
+Faults: a clip that fails to load is skipped with a warning naming it and counted (`on_error="skip"`, the default),
+stops the run with a [`CavMaeDataError`] naming it (`"raise"`), or, only when asked (`"stand_in"`), is replaced by
+the reference's constant stand-in; `max_skipped` / `max_skipped_fraction` make a mostly broken dataset fail loudly.
+Training augmentation is drawn from a generator seeded per batch by `(seed, epoch, clips)`, so a resumed run repeats
+it. The builders take `allowed_root` to refuse paths that resolve outside a folder ([`check_paths_within_root`]).
 """
 
 import csv
@@ -759,14 +765,18 @@ class AudioVisualTransform:
         max_skipped_fraction (`float`, *optional*, defaults to 0.5): raise once more than this share of the clips
             seen failed to load (judged from the 20th clip on). The counts are per process, and per DataLoader
             worker with `dataloader_num_workers > 0`.
-        seed (`int`, *optional*): base seed of the training augmentation. Each training batch draws its random
-            frame, mixup, SpecAugment and noise from a generator seeded by `(seed, epoch, the batch's clips)`,
-            never from torch's global generator, so a run resumed from a checkpoint repeats the augmentation of
-            the uninterrupted run, whichever DataLoader worker draws the batch. [`CavMaeTrainer`] sets it from
-            `TrainingArguments.data_seed` / `seed` when None (and the epoch, see [`set_epoch`]); used elsewhere,
-            None means `torch.initial_seed()` at construction.
+        seed (`int`, *optional*): base seed of the training augmentation. With a seed, each training batch draws
+            its random frame, mixup, SpecAugment and noise from a generator seeded by `(seed, epoch, the batch's
+            clips)`, never from torch's global generator, so a run resumed from a checkpoint repeats the
+            augmentation of the uninterrupted run, whichever DataLoader worker draws the batch; call
+            [`set_epoch`] every epoch. [`CavMaeTrainer`] does both: it sets a None seed to
+            `TrainingArguments.data_seed` (or `seed`) and the epoch. Left None elsewhere (e.g. with a plain
+            `Trainer`), the augmentation draws from torch's global generator, fresh every epoch.
 
     Attributes:
+        skip_forbidden (`str` or None): when set, `"skip"` raises instead, with this reason: a consumer that needs
+            whole batches (distributed evaluation gathers equal batches from every process) forbids skipping.
+            [`CavMaeTrainer`] sets it on evaluation transforms under DDP.
         skipped_clips (`int`): clips that failed to load so far (skipped or replaced), in this process / worker.
         seen_clips (`int`): clips this transform was given so far, in this process / worker.
         epoch (`int`): the epoch mixed into the augmentation seed.
@@ -812,7 +822,7 @@ class AudioVisualTransform:
         self.max_skipped = max_skipped
         self.max_skipped_fraction = max_skipped_fraction
         self.seed = seed
-        self._default_seed = torch.initial_seed()
+        self.skip_forbidden = None
         self._epoch = _shared_counter()
         self.skipped_clips = 0
         self.seen_clips = 0
@@ -860,11 +870,11 @@ class AudioVisualTransform:
         return output
 
     def _generator(self, rows: list[dict]) -> torch.Generator | None:
-        """The batch's own generator in training (see `seed`); evaluation draws nothing."""
-        if not self.training:
+        """The batch's own generator in training with a `seed`; None (torch's global generator) without one, and
+        in evaluation, which draws nothing."""
+        if not self.training or self.seed is None:
             return None
-        seed = self.seed if self.seed is not None else self._default_seed
-        return torch.Generator().manual_seed(augmentation_seed(seed, self.epoch, rows))
+        return torch.Generator().manual_seed(augmentation_seed(self.seed, self.epoch, rows))
 
     def _decode(self, rows: list[dict], generator) -> tuple[list[DecodedClip | None], list[tuple[int, str]]]:
         """The clips (None where one failed with `"skip"`) and the failures as `(position, description)`."""
@@ -878,6 +888,8 @@ class AudioVisualTransform:
                 description = describe_failure(row, error)
                 if self.on_error == "raise":
                     raise CavMaeDataError(f"Could not load {description}") from error
+                if self.on_error == "skip" and self.skip_forbidden:
+                    raise CavMaeDataError(f"Could not load {description}; {self.skip_forbidden}") from error
                 failures.append((position, description))
                 clip = None if self.on_error == "skip" else self._stand_in(len(indices))
                 action = "skipping it" if self.on_error == "skip" else "using the reference's constant stand-in"

@@ -73,6 +73,10 @@ TRAINER_STATE_FILE = "trainer_state.json"
 CHECKPOINT_PATTERN = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 WEIGHTS_PATTERN = re.compile(r"^(pytorch_)?model(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
 DECODE_ON_ERROR = {"raise": "raise", "skip": "skip", "stand_in": "keep"}
+DISTRIBUTED_EVALUATION_SKIP = (
+    "it cannot be skipped in distributed evaluation, which gathers equal batches from every process. Remove "
+    "broken clips from the evaluation set first: decode_clips(eval_set, on_error='skip') (--decode_once) drops them"
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -772,6 +776,17 @@ class CavMaeTrainer(Trainer):
         return self.lr_scheduler
 
     # Sampling -----------------------------------------------------------------------------------------------------
+    def get_train_dataloader(self):
+        dataloader = super().get_train_dataloader()
+        # PyTorch draws each DataLoader iterator's worker seed from the loader's `generator`, by default torch's
+        # global one, which also drives the masking. A private one keeps the global sequence independent of when
+        # iterators are created (persistent workers create one per run, not per epoch), so resuming repeats it.
+        loader = getattr(dataloader, "base_dataloader", dataloader)  # accelerate wraps the DataLoader
+        if isinstance(loader, DataLoader) and loader.generator is None:
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            loader.generator = torch.Generator().manual_seed(seed)
+        return dataloader
+
     def _get_train_sampler(self, train_dataset=None):
         weights = self.sample_weights
         dataset = self.train_dataset if train_dataset is None else train_dataset
@@ -841,6 +856,10 @@ class CavMaeTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
     def evaluation_loop(self, *args, **kwargs):
+        dataloader = args[0] if args else kwargs.get("dataloader")
+        if self.args.world_size > 1:  # a skipped clip would leave this process a smaller batch to gather
+            for transform in attached_transforms(getattr(dataloader, "dataset", None)):
+                transform.skip_forbidden = DISTRIBUTED_EVALUATION_SKIP
         self._component_totals["eval"].clear()
         self._component_counts["eval"].clear()
         self._skipped_pending["eval"] = torch.zeros((), dtype=torch.long)
@@ -972,6 +991,7 @@ __all__ = [
     "CavMaeTrainer",
     "CavMaeTrainingArguments",
     "DataArguments",
+    "EpochSeededWeightedSampler",
     "LOSS_COMPONENTS",
     "WeightAveragingCallback",
     "average_checkpoints",
@@ -981,12 +1001,17 @@ __all__ = [
     "evaluate_retrieval",
     "feature_extractor_from_data_args",
     "freeze_backbone",
+    "is_complete_checkpoint",
     "is_head_parameter",
+    "last_complete_checkpoint",
     "load_clip_dataset",
     "load_train_and_eval_datasets",
+    "move_into_place",
     "parse_config_overrides",
     "reference_step_multiplier",
     "reference_step_schedule",
     "resolve_checkpoint",
     "retrieval_embeddings",
+    "staged_directory",
+    "transform_options",
 ]
