@@ -45,10 +45,10 @@ def tiny_config():
     return CavMaeConfig(**tiny_config_kwargs())
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def one_thread_per_module():
     """One torch thread for a whole test module, its module-scoped fixtures included (`_seed_and_one_thread` below
-    only covers each test). Use with `pytestmark = pytest.mark.usefixtures("one_thread_per_module")`."""
+    only covers each test)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -29,13 +29,6 @@ EXTRACTOR = CavMaeFeatureExtractor(num_mel_bins=NUM_MEL_BINS, max_length=MAX_LEN
 SCALE = {np.int16: 32768.0, np.int32: 2147483648.0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def kaldi_frames(num_samples: int) -> int:
     return min(1 + (num_samples - 400) // 160, MAX_LENGTH)

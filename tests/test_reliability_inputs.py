@@ -45,7 +45,6 @@ PRETRAIN = FIXTURES / "original" / "tiny_pretrain.pth"
 FINETUNED = FIXTURES / "original" / "tiny_finetuned.pth"
 
 
-pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 # ----------------------------------------------------------------------------------------------------------------

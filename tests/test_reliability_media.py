@@ -33,14 +33,6 @@ RATE = 16000
 LOG_FLOOR = float(np.log(np.finfo(np.float32).eps))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models are fastest on one thread (and do not stall on a machine busy with other jobs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Writers

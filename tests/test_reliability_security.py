@@ -56,7 +56,6 @@ FINETUNED = FIXTURES / "original" / "tiny_finetuned.pth"
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy", ".npz", ".joblib"}
 
 
-pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 # ----------------------------------------------------------------------------------------------------------------
