@@ -236,6 +236,24 @@ def test_pretraining_step_compiles_without_graph_breaks_and_matches_eager(tiny_c
     assert_same_gradients(expected, actual, atol=1e-5)
 
 
+
+@pytest.mark.parametrize(
+    "problem_type, labels",
+    [
+        ("single_label_classification", torch.tensor([1, 0])),
+        ("multi_label_classification", torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])),
+    ],
+)
+def test_classification_loss_compiles_without_graph_breaks(problem_type, labels):
+    # the label checks that read values (ranges, NaN) stand aside while dynamo traces; shapes are still checked
+    torch._dynamo.reset()
+    config = CavMaeConfig(**tiny_config_kwargs(num_labels=3, problem_type=problem_type))
+    model = CavMaeForAudioVisualClassification(config).eval()
+    audio, images, _ = make_inputs(config, 2)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    expected = model(audio, images, labels=labels).loss
+    assert torch.allclose(compiled(audio, images, labels=labels).loss, expected, atol=1e-5)
+
 # Mixed and half precision ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast_training_step_runs(tiny_config, dtype):

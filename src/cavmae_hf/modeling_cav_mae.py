@@ -28,6 +28,12 @@ REMOTE_CODE_AUTO_MAP = {
 }
 
 
+def _can_inspect_values() -> bool:
+    """Whether checks that read tensor values (NaN, ranges) may run: not while `torch.compile` traces the model,
+    where reading a value would break the graph (shapes and types are still checked there)."""
+    return not torch.compiler.is_compiling()
+
+
 class CavMaeInputError(CavMaeError):
     """An input handed to a CAV-MAE model has the wrong shape, size or values for its configuration."""
 
@@ -1063,7 +1069,7 @@ def _check_tensor(name: str, tensor):
         raise CavMaeInputError(f"`{name}` must be a torch.Tensor, got {type(tensor).__name__}.")
     if not tensor.is_floating_point():
         raise CavMaeInputError(f"`{name}` must be a floating-point tensor, got {tensor.dtype}.")
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(tensor).all()):
+    if _can_inspect_values() and not bool(torch.isfinite(tensor).all()):
         raise CavMaeInputError(f"`{name}` contains NaN or Inf values.")
 
 
@@ -1271,7 +1277,7 @@ def _checked_noise(name: str, noise: torch.Tensor, shape: tuple[int, int], devic
         raise CavMaeInputError(f"`{name}` must have shape {shape} (batch, patches), got {tuple(noise.shape)}.")
     if noise.dtype == torch.bool or noise.is_complex():
         raise CavMaeInputError(f"`{name}` must hold real numbers (float or int), got {noise.dtype}.")
-    if noise.is_floating_point() and not bool(torch.isfinite(noise).all()):
+    if noise.is_floating_point() and _can_inspect_values() and not bool(torch.isfinite(noise).all()):
         raise CavMaeInputError(f"`{name}` contains NaN or Inf values: the mask it gives would be arbitrary.")
     return noise.to(device)
 
@@ -1436,7 +1442,7 @@ def _checked_labels(labels, logits: torch.Tensor) -> torch.Tensor:
             f"`labels` has shape {got} but the batch holds {logits.shape[0]} clip(s): give one label (or one row of "
             "targets) per clip."
         )
-    if labels.is_floating_point() and not bool(torch.isfinite(labels).all()):
+    if labels.is_floating_point() and _can_inspect_values() and not bool(torch.isfinite(labels).all()):
         raise CavMaeInputError("`labels` contains NaN or Inf values.")
     return labels.to(logits.device)
 
@@ -1448,7 +1454,7 @@ def _target_matrix(labels: torch.Tensor, logits: torch.Tensor, kind: str) -> tor
             f"{kind} `labels` must have shape {tuple(logits.shape)} (batch, num_labels), got {tuple(labels.shape)}."
         )
     targets = labels.to(logits.dtype)
-    if bool((targets < 0).any()) or bool((targets > 1).any()):
+    if _can_inspect_values() and (bool((targets < 0).any()) or bool((targets > 1).any())):
         raise CavMaeInputError(
             f"{kind} `labels` must lie in [0, 1], got values from {float(targets.min()):g} to {float(targets.max()):g}."
         )
@@ -1467,12 +1473,12 @@ def _class_indices(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     indices = labels.reshape(-1)
     if indices.dtype == torch.bool:
         raise CavMaeInputError("Single-label `labels` must be class indices (integers), got bool.")
-    if indices.is_floating_point():
+    if indices.is_floating_point() and _can_inspect_values():
         if not bool((indices == indices.round()).all()):
             raise CavMaeInputError("Single-label `labels` must be whole class indices, got fractional values.")
     indices = indices.long()
     invalid = (indices != IGNORE_INDEX) & ((indices < 0) | (indices >= num_labels))
-    if bool(invalid.any()):
+    if _can_inspect_values() and bool(invalid.any()):
         bad = sorted({int(value) for value in indices[invalid][:5]})
         raise CavMaeInputError(
             f"Single-label `labels` must be class indices in [0, {num_labels - 1}] (or {IGNORE_INDEX} to ignore a "
