@@ -323,10 +323,13 @@ class _AllGatherWithGrad(torch.autograd.Function):
         sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(distributed.get_world_size())]
         distributed.all_gather(sizes, torch.tensor([tensor.shape[0]], device=tensor.device))
         sizes = [int(size) for size in sizes]
-        gathered = [tensor.new_empty((size,) + tensor.shape[1:]) for size in sizes]
-        distributed.all_gather(gathered, tensor.contiguous())
+        # collectives need equal shapes: pad to the largest batch (a process may have skipped a broken clip)
+        largest = max(sizes)
+        padded = nn.functional.pad(tensor, (0, 0) * (tensor.dim() - 1) + (0, largest - tensor.shape[0]))
+        gathered = [torch.empty_like(padded) for _ in sizes]
+        distributed.all_gather(gathered, padded.contiguous())
         ctx.sizes, ctx.rank = sizes, distributed.get_rank()
-        return torch.cat(gathered, dim=0)
+        return torch.cat([rows[:size] for rows, size in zip(gathered, sizes)], dim=0)
 
     @staticmethod
     def backward(ctx, grad_output):
