@@ -39,15 +39,6 @@ SAMPLING_RATE = 16000
 AUDIO_LENGTH, MEL_BINS, IMAGE_SIZE = 64, 32, 32
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not suffer from busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 @pytest.fixture(scope="module")
 def extractor():
     return CavMaeFeatureExtractor(max_length=AUDIO_LENGTH, num_mel_bins=MEL_BINS, image_size=IMAGE_SIZE)

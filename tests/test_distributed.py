@@ -6,7 +6,6 @@ process keeps its own negatives, and the contrastive loss differs.
 """
 
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -22,14 +21,6 @@ from cavmae_hf import CavMaeConfig, CavMaeForPreTraining  # noqa: E402
 WORLD_SIZE = 2
 BATCH_PER_PROCESS = 3
 TIMEOUT_SECONDS = 420  # generous: on a loaded 2-core machine the spawn + gloo start-up alone can take minutes
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_model(negatives: str) -> CavMaeForPreTraining:
@@ -56,11 +47,16 @@ def shard_of(batch: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tenso
     return {name: value[start : start + BATCH_PER_PROCESS] for name, value in batch.items()}
 
 
-def _worker(rank: int, port: int, output_dir: str):
+def _worker(rank: int, output_dir: str):
+    import faulthandler
+
     torch.set_num_threads(1)
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE
-    )
+    # if the run hangs, every process writes where it is stuck shortly before the test gives up
+    stacks = open(os.path.join(output_dir, f"stacks_rank{rank}.txt"), "w")  # noqa: SIM115 - open until exit
+    faulthandler.dump_traceback_later(TIMEOUT_SECONDS - 15, file=stacks)
+    # a file rendezvous: no port to pick, so no race with other processes taking it meanwhile
+    init_method = f"file://{os.path.join(output_dir, 'rendezvous')}"
+    torch.distributed.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD_SIZE)
     try:
         for negatives in ("global", "local"):
             model = make_model(negatives)
@@ -81,12 +77,6 @@ def _worker(rank: int, port: int, output_dir: str):
         torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory) -> dict[str, list[dict]]:
     """Both negatives modes, run once by 2 spawned processes: `{"global": [rank 0, rank 1], "local": [...]}`."""
@@ -94,7 +84,7 @@ def two_process_results(tmp_path_factory) -> dict[str, list[dict]]:
         pytest.skip("torch.distributed is not available")
     output_dir = tmp_path_factory.mktemp("ddp")
     context = multiprocessing.start_processes(
-        _worker, args=(_free_port(), str(output_dir)), nprocs=WORLD_SIZE, join=False, start_method="spawn"
+        _worker, args=(str(output_dir),), nprocs=WORLD_SIZE, join=False, start_method="spawn"
     )
     waited = 0
     while not context.join(timeout=1):
@@ -102,7 +92,8 @@ def two_process_results(tmp_path_factory) -> dict[str, list[dict]]:
         if waited >= TIMEOUT_SECONDS:
             for process in context.processes:
                 process.terminate()
-            pytest.fail(f"the 2-process run did not finish within {TIMEOUT_SECONDS} s")
+            stacks = "\n".join(path.read_text()[-2000:] for path in sorted(output_dir.glob("stacks_rank*.txt")))
+            pytest.fail(f"the 2-process run did not finish within {TIMEOUT_SECONDS} s; where it was:\n{stacks}")
     return {
         negatives: [torch.load(output_dir / f"{negatives}_rank{rank}.pt") for rank in range(WORLD_SIZE)]
         for negatives in ("global", "local")
@@ -165,7 +156,7 @@ def test_example_pretraining_script_runs_unchanged_under_torchrun(tmp_path):
         if name not in ("image_size", "num_mel_bins", "audio_length")
     )
     command = [
-        torchrun, "--nproc_per_node", str(WORLD_SIZE), "--master_port", str(_free_port()),
+        torchrun, "--standalone", "--nproc_per_node", str(WORLD_SIZE),
         str(Path(__file__).resolve().parents[1] / "examples" / "pretrain.py"),
         "--train_data", str(videos), "--output_dir", str(tmp_path / "out"), "--config_overrides", overrides,
         "--audio_length", "64", "--num_mel_bins", "32", "--image_size", "32", "--decode_once",

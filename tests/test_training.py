@@ -49,15 +49,6 @@ from cavmae_hf.synthetic import write_synthetic_videos
 NUM_CLASSES = 3
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not suffer from busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory):
     """12 decoded synthetic clips (3 classes) matching the tiny config: 64 fbank frames x 32 mel bins, 32 x 32."""

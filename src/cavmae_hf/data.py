@@ -865,7 +865,7 @@ class AudioVisualTransform:
             stand_ins = [position for position, _ in failures]
         output = self._model_inputs(rows, clips, stand_ins, generator)
         skipped = torch.zeros(len(rows), dtype=torch.long)
-        skipped[0] = len(failures)
+        skipped[:1] = len(failures)  # on the first row; the collator sums
         output[SKIPPED_CLIPS] = skipped
         return output
 

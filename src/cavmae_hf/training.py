@@ -605,16 +605,17 @@ def move_into_place(staging, target) -> None:
         return
     if not target.is_dir():
         raise CavMaeError(f"Cannot save a model to {target}: it exists and is not a folder.")
-    order = lambda path: (not WEIGHTS_PATTERN.match(path.name), path.name == "config.json")  # noqa: E731
-    entries = sorted(staging.iterdir(), key=order)
-    new_names = {path.name for path in entries}
-    for entry in entries:
+    entries = list(staging.iterdir())
+    weights = [entry for entry in entries if WEIGHTS_PATTERN.match(entry.name)]
+    others = sorted((entry for entry in entries if entry not in weights), key=lambda path: path.name == "config.json")
+    for entry in weights:
         _replace_entry(entry, target / entry.name)
-        if not WEIGHTS_PATTERN.match(entry.name):
-            continue
-        for stale in target.iterdir():  # once the new weights are in, drop the old save's other weight files
-            if WEIGHTS_PATTERN.match(stale.name) and stale.name not in new_names and stale.is_file():
-                stale.unlink()
+    new_names = {entry.name for entry in entries}
+    for stale in target.iterdir():  # once all new weights are in, drop the old save's other weight files
+        if WEIGHTS_PATTERN.match(stale.name) and stale.name not in new_names and stale.is_file():
+            stale.unlink()
+    for entry in others:
+        _replace_entry(entry, target / entry.name)
     _fsync(target)
 
 
@@ -623,7 +624,8 @@ def staged_directory(target):
     """
     Yield a fresh staging folder beside `target` (same file system, so renames are atomic); when the block ends
     without an error, its content is moved into place with [`move_into_place`]. The staging folder is removed in
-    every case, so an interrupted or failed write leaves `target` untouched and no half-written folder behind.
+    every other case, so a failed write leaves `target` untouched and no half-written folder behind (a process
+    killed outright leaves `target` untouched too, and a hidden `.<name>.saving-*` folder beside it to delete).
     """
     target = Path(os.path.abspath(target))
     target.parent.mkdir(parents=True, exist_ok=True)
