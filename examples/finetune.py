@@ -36,8 +36,7 @@ import logging
 import sys
 from dataclasses import dataclass, field
 
-import transformers
-from transformers import HfArgumentParser, set_seed
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from cavmae_hf import CavMaeConfig, CavMaeForAudioVisualClassification
 from cavmae_hf.data import finetuning_transforms, label_set_of, labels_for_classification, with_transform
@@ -50,7 +49,9 @@ from cavmae_hf.training import (
     feature_extractor_from_data_args,
     load_train_and_eval_datasets,
     parse_config_overrides,
-    resolve_checkpoint,
+    parse_script_arguments,
+    train_save_and_evaluate,
+    transform_options,
 )
 
 logger = logging.getLogger(__name__)
@@ -112,16 +113,11 @@ def build_model(model_args, data_args, label_set, problem_type) -> CavMaeForAudi
     return CavMaeForAudioVisualClassification(config)
 
 
+@record  # under torchrun, the failing process's traceback appears in the launcher's summary
 def main(argv=None):
-    parser = HfArgumentParser((FinetuningModelArguments, FinetuningDataArguments, CavMaeTrainingArguments))
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(argv[0])
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
-    set_seed(training_args.seed)
+    model_args, data_args, training_args = parse_script_arguments(
+        (FinetuningModelArguments, FinetuningDataArguments, CavMaeTrainingArguments), argv
+    )
     if data_args.streaming and training_args.balanced_sampling:
         raise ValueError("--balanced_sampling needs random access: it cannot be combined with --streaming.")
 
@@ -147,6 +143,7 @@ def main(argv=None):
         label_smoothing=data_args.label_smoothing,
         num_frames=data_args.num_frames,
         eval_frames=eval_frames,
+        **transform_options(data_args),
     )
     if streaming:
         train = train.to_iterable_dataset(num_shards=max(1, training_args.dataloader_num_workers))
@@ -160,17 +157,7 @@ def main(argv=None):
         eval_dataset=evaluation.with_transform(eval_transform) if evaluation is not None else None,
         compute_metrics=classification_metrics(problem_type),
     )
-    result = trainer.train(resume_from_checkpoint=resolve_checkpoint(training_args))
-    trainer.save_model()  # the weight average, with --weight_averaging
-    if trainer.is_world_process_zero():
-        feature_extractor.save_pretrained(training_args.output_dir)
-    trainer.log_metrics("train", result.metrics)
-    trainer.save_metrics("train", result.metrics)
-    trainer.save_state()
-    if evaluation is not None:
-        metrics = trainer.evaluate()
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
+    train_save_and_evaluate(trainer, feature_extractor)  # the final model is the weight average with --weight_averaging
     return 0
 
 

@@ -28,8 +28,7 @@ import logging
 import sys
 from dataclasses import dataclass, field
 
-import transformers
-from transformers import HfArgumentParser, set_seed
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from cavmae_hf import CavMaeConfig, CavMaeForPreTraining
 from cavmae_hf.data import pretraining_transforms, with_transform
@@ -41,7 +40,9 @@ from cavmae_hf.training import (
     feature_extractor_from_data_args,
     load_train_and_eval_datasets,
     parse_config_overrides,
-    resolve_checkpoint,
+    parse_script_arguments,
+    train_save_and_evaluate,
+    transform_options,
 )
 
 logger = logging.getLogger(__name__)
@@ -110,40 +111,25 @@ def build_model(model_args: PretrainingModelArguments, data_args: DataArguments)
     return CavMaeForPreTraining(config)
 
 
+@record  # under torchrun, the failing process's traceback appears in the launcher's summary
 def main(argv=None):
-    parser = HfArgumentParser((PretrainingModelArguments, DataArguments, CavMaeTrainingArguments))
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(argv[0])
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
-    set_seed(training_args.seed)
-
+    model_args, data_args, training_args = parse_script_arguments(
+        (PretrainingModelArguments, DataArguments, CavMaeTrainingArguments), argv
+    )
     model = build_model(model_args, data_args)
     data_config_consistent(model.config, data_args.audio_length, data_args.num_mel_bins, data_args.image_size)
     feature_extractor = feature_extractor_from_data_args(data_args)
     train, evaluation = load_train_and_eval_datasets(data_args, training_args)
-    train_transform, eval_transform = pretraining_transforms(feature_extractor, data_args.noise, data_args.num_frames)
-
+    train_transform, eval_transform = pretraining_transforms(
+        feature_extractor, data_args.noise, data_args.num_frames, **transform_options(data_args)
+    )
     trainer = CavMaeTrainer(
         model=model,
         args=training_args,
         train_dataset=with_transform(train, train_transform, training_args.per_device_train_batch_size),
         eval_dataset=evaluation.with_transform(eval_transform) if evaluation is not None else None,
     )
-    result = trainer.train(resume_from_checkpoint=resolve_checkpoint(training_args))
-    trainer.save_model()
-    if trainer.is_world_process_zero():
-        feature_extractor.save_pretrained(training_args.output_dir)
-    trainer.log_metrics("train", result.metrics)
-    trainer.save_metrics("train", result.metrics)
-    trainer.save_state()
-    if evaluation is not None:
-        metrics = trainer.evaluate()
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
+    train_save_and_evaluate(trainer, feature_extractor)
     return 0
 
 

@@ -959,6 +959,51 @@ def evaluate_retrieval(model, dataset, batch_size: int = 32, device=None, progre
 # ----------------------------------------------------------------------------------------------------------------
 # Configuration helpers
 # ----------------------------------------------------------------------------------------------------------------
+def parse_script_arguments(dataclass_types, argv=None) -> tuple:
+    """
+    The argument dataclasses of a training script from `argv` (default: the command line), or from one JSON file
+    given as the only argument; then sets up logging (per process, as `TrainingArguments` says) and the seed.
+    The last dataclass must be a `TrainingArguments`.
+    """
+    import logging as std_logging
+    import sys
+
+    import transformers
+    from transformers import HfArgumentParser, set_seed
+
+    parser = HfArgumentParser(dataclass_types)
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        arguments = parser.parse_json_file(argv[0])
+    else:
+        arguments = parser.parse_args_into_dataclasses(argv)
+    training_args = arguments[-1]
+    std_logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=std_logging.INFO)
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    set_seed(training_args.seed)
+    return tuple(arguments)
+
+
+def train_save_and_evaluate(trainer: Trainer, feature_extractor) -> None:
+    """
+    `trainer.train()` (resuming as `--resume_from_checkpoint` says), the final model (the weight average, with
+    `--weight_averaging`) and the feature extractor saved to `output_dir`, train metrics and state saved, then one
+    evaluation when the trainer has an evaluation set.
+    """
+    training_args = trainer.args
+    result = trainer.train(resume_from_checkpoint=resolve_checkpoint(training_args))
+    trainer.save_model()
+    if trainer.is_world_process_zero():
+        feature_extractor.save_pretrained(training_args.output_dir)
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+    if trainer.eval_dataset is not None:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+
+
 def parse_config_overrides(text: str | None) -> dict:
     """`"hidden_size=192,num_attention_heads=3,norm_pix_loss=false"` -> a dict of typed values."""
     overrides = {}
