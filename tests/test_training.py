@@ -213,6 +213,29 @@ def test_resume_from_checkpoint_continues_training_and_weight_average(tmp_path, 
         torch.testing.assert_close(resumed.model.state_dict()[name], value, rtol=1e-4, atol=1e-5)
 
 
+def test_weight_average_is_in_a_checkpoint_before_its_trainer_state(tmp_path, clips, extractor, monkeypatch):
+    # trainer_state.json, written last, is what marks a checkpoint complete for resuming
+    from transformers import TrainerState
+
+    seen = []
+    original = TrainerState.save_to_json
+
+    def save_to_json(state, path):
+        folder = Path(path).parent
+        if folder.name.startswith("checkpoint-"):
+            seen.append((folder.name, (folder / "weight_average.safetensors").is_file()))
+        return original(state, path)
+
+    monkeypatch.setattr(TrainerState, "save_to_json", save_to_json)
+    trainer = pretraining_trainer(
+        tmp_path, clips, extractor, num_train_epochs=2, save_strategy="epoch", weight_averaging=True, wa_start=1,
+        wa_end=2,
+    )
+    trainer.train()
+    assert seen == [("checkpoint-3", True), ("checkpoint-6", True)]
+    assert not list((tmp_path / "run").rglob("*.partial"))
+
+
 def test_weight_averaging_matches_the_average_of_epoch_checkpoints(tmp_path, clips, extractor):
     trainer = pretraining_trainer(
         tmp_path, clips, extractor, num_train_epochs=3, save_strategy="epoch", weight_averaging=True, wa_start=2,

@@ -428,13 +428,18 @@ class WeightAveragingCallback(TrainerCallback):
             self.sums[name] = self.sums[name] + tensor if name in self.sums else tensor.clone()
         self.epochs.append(epoch)
 
-    def on_save(self, args, state, control, **kwargs):
-        if not self.sums or not args.should_save:
+    def save_to_checkpoint(self, folder) -> None:
+        """Write the running sum into the checkpoint `folder` (created if needed), under a temporary name first.
+        [`CavMaeTrainer`] calls this before the Trainer writes the checkpoint, so that `trainer_state.json`, written
+        last, marks a checkpoint that also holds the average."""
+        if not self.sums:
             return
-        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        if folder.is_dir():
-            tensors = {name: tensor.contiguous() for name, tensor in self.sums.items()}
-            save_file(tensors, folder / WEIGHT_AVERAGE_FILE, metadata={"epochs": json.dumps(self.epochs)})
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = folder / f".{WEIGHT_AVERAGE_FILE}.partial"
+        tensors = {name: tensor.contiguous() for name, tensor in self.sums.items()}
+        save_file(tensors, partial, metadata={"epochs": json.dumps(self.epochs)})
+        os.replace(partial, folder / WEIGHT_AVERAGE_FILE)
 
     def load_from_checkpoint(self, checkpoint) -> bool:
         """Continue the running sum saved in `checkpoint`; returns whether there was one."""
@@ -678,6 +683,13 @@ class CavMaeTrainer(Trainer):
     @property
     def weight_averaging_callback(self) -> WeightAveragingCallback | None:
         return next((cb for cb in self.callback_handler.callbacks if isinstance(cb, WeightAveragingCallback)), None)
+
+    def _save_checkpoint(self, model, trial):
+        callback = self.weight_averaging_callback
+        if callback is not None and self.args.should_save:
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            callback.save_to_checkpoint(folder)
+        super()._save_checkpoint(model, trial)
 
     @property
     def reports_skipped_clips(self) -> bool:
