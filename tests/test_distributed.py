@@ -5,8 +5,16 @@ gathers the embeddings of both processes with gradient (`contrastive_negatives="
 process keeps its own negatives, and the contrastive loss differs.
 """
 
+import contextlib
+import gc
 import os
+import signal
+import subprocess
 import sys
+import time
+import traceback
+import weakref
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -20,7 +28,11 @@ from cavmae_hf import CavMaeConfig, CavMaeForPreTraining  # noqa: E402
 
 WORLD_SIZE = 2
 BATCH_PER_PROCESS = 3
-TIMEOUT_SECONDS = 420  # generous: on a loaded 2-core machine the spawn + gloo start-up alone can take minutes
+# The 2-process run takes ~4 s on an idle 2-core machine (spawn, imports, gloo start-up, two tiny steps); a hang must
+# not cost more than about a minute and a half, and must say where every process was:
+COLLECTIVE_TIMEOUT_SECONDS = 60  # gloo rendezvous and collectives raise after this instead of waiting forever
+WORKER_TIMEOUT_SECONDS = 75  # each worker then writes its Python stacks and exits (faulthandler, exit=True)
+TIMEOUT_SECONDS = 90  # the test gives up on the run (or on torchrun) and fails with those stacks
 
 
 def make_model(negatives: str) -> CavMaeForPreTraining:
@@ -47,34 +59,56 @@ def shard_of(batch: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tenso
     return {name: value[start : start + BATCH_PER_PROCESS] for name, value in batch.items()}
 
 
+def _train_and_save(rank: int, output_dir: str):
+    """One DDP step per negatives mode on this process's shard; saves losses and (all-reduced) gradients. Every
+    object holding the process group (DDP's C++ reducer) dies with this frame, before the group is destroyed."""
+    for negatives in ("global", "local"):
+        model = make_model(negatives)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        batch = make_batch(model.config)
+        shard = shard_of(batch, rank)
+        output = ddp(**shard, return_dict=True)
+        output.loss.backward()
+        gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        result = {
+            "loss": output.loss.detach(),
+            "mae_loss": output.mae_loss.detach(),
+            "contrastive_loss": output.contrastive_loss.detach(),
+            "gradients": gradients,
+        }
+        torch.save(result, os.path.join(output_dir, f"{negatives}_rank{rank}.pt"))
+    return weakref.ref(ddp)
+
+
 def _worker(rank: int, output_dir: str):
     import faulthandler
 
     torch.set_num_threads(1)
-    # if the run hangs, every process writes where it is stuck shortly before the test gives up
+    # if the run hangs, every process writes where it is stuck and exits, shortly before the test gives up
     stacks = open(os.path.join(output_dir, f"stacks_rank{rank}.txt"), "w")  # noqa: SIM115 - open until exit
-    faulthandler.dump_traceback_later(TIMEOUT_SECONDS - 15, file=stacks)
-    # a file rendezvous: no port to pick, so no race with other processes taking it meanwhile
-    init_method = f"file://{os.path.join(output_dir, 'rendezvous')}"
-    torch.distributed.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD_SIZE)
+    faulthandler.dump_traceback_later(WORKER_TIMEOUT_SECONDS, exit=True, file=stacks)
     try:
-        for negatives in ("global", "local"):
-            model = make_model(negatives)
-            ddp = torch.nn.parallel.DistributedDataParallel(model)
-            batch = make_batch(model.config)
-            shard = shard_of(batch, rank)
-            output = ddp(**shard, return_dict=True)
-            output.loss.backward()
-            gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-            result = {
-                "loss": output.loss.detach(),
-                "mae_loss": output.mae_loss.detach(),
-                "contrastive_loss": output.contrastive_loss.detach(),
-                "gradients": gradients,
-            }
-            torch.save(result, os.path.join(output_dir, f"{negatives}_rank{rank}.pt"))
-    finally:
-        torch.distributed.destroy_process_group()
+        # a file rendezvous in a fresh directory: no port to pick, so no race with other processes taking it
+        init_method = f"file://{os.path.join(output_dir, 'rendezvous')}"
+        timeout = timedelta(seconds=COLLECTIVE_TIMEOUT_SECONDS)
+        torch.distributed.init_process_group(
+            "gloo", init_method=init_method, rank=rank, world_size=WORLD_SIZE, timeout=timeout
+        )
+        ddp = _train_and_save(rank, output_dir)
+        gc.collect()
+        if ddp() is not None:
+            raise RuntimeError("the DistributedDataParallel wrapper outlived the run")
+    except BaseException:
+        # no teardown after a failure: the other process may be inside a collective, and destructors may block
+        Path(output_dir, f"error_rank{rank}.txt").write_text(traceback.format_exc())
+        stacks.flush()
+        os._exit(1)
+    # Only now, with no DDP reducer left, destroy the group. The order matters: gloo's destructor joins its worker
+    # threads, and the last of them may still hold the last reference to a backward all-reduce, whose captured
+    # thread-local state holds a Python object (torch stashes a contextvars.Context there during backward). When
+    # DDP's reducer dropped the last reference to the group, that destructor ran with the GIL held and the worker
+    # thread waited for the GIL forever (1 run in ~6-8 hung so). The group's Python object releases the GIL first.
+    torch.distributed.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -86,14 +120,22 @@ def two_process_results(tmp_path_factory) -> dict[str, list[dict]]:
     context = multiprocessing.start_processes(
         _worker, args=(str(output_dir),), nprocs=WORLD_SIZE, join=False, start_method="spawn"
     )
-    waited = 0
-    while not context.join(timeout=1):
-        waited += 1
-        if waited >= TIMEOUT_SECONDS:
-            for process in context.processes:
-                process.terminate()
-            stacks = "\n".join(path.read_text()[-2000:] for path in sorted(output_dir.glob("stacks_rank*.txt")))
-            pytest.fail(f"the 2-process run did not finish within {TIMEOUT_SECONDS} s; where it was:\n{stacks}")
+    deadline = time.monotonic() + TIMEOUT_SECONDS
+    try:
+        while not context.join(timeout=1, grace_period=5):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the 2-process run did not finish within {TIMEOUT_SECONDS} s")
+    except Exception as error:  # a hang, or a process that failed (its traceback is in its error file)
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+        reports = [
+            f"--- {path.name}:\n{path.read_text()[-3000:]}"
+            for pattern in ("error_rank*.txt", "stacks_rank*.txt")
+            for path in sorted(output_dir.glob(pattern))
+            if path.stat().st_size
+        ]
+        pytest.fail(f"{error}; where the processes were:\n" + "\n".join(reports or ["(no report written)"]))
     return {
         negatives: [torch.load(output_dir / f"{negatives}_rank{rank}.pt") for rank in range(WORLD_SIZE)]
         for negatives in ("global", "local")
@@ -142,7 +184,6 @@ def test_local_negatives_keep_per_process_contrastive_losses(two_process_results
 def test_example_pretraining_script_runs_unchanged_under_torchrun(tmp_path):
     """`torchrun --nproc_per_node 2 examples/pretrain.py ...` (gloo on CPU): both processes train and log."""
     import shutil
-    import subprocess
 
     from cavmae_hf.synthetic import write_synthetic_videos
 
@@ -164,9 +205,22 @@ def test_example_pretraining_script_runs_unchanged_under_torchrun(tmp_path):
         "--report_to", "none", "--disable_tqdm", "true", "--dataloader_pin_memory", "false", "--use_cpu", "true",
         "--save_strategy", "no",
     ]  # fmt: skip
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_SECONDS, env=environment)
-    assert finished.returncode == 0, finished.stderr[-3000:]
+    # PYTHONFAULTHANDLER: on a hang, SIGABRT makes torchrun and both workers write their Python stacks to stderr
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment, start_new_session=True
+    )
+    try:
+        _, stderr = process.communicate(timeout=TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:
+        for stop in (signal.SIGABRT, signal.SIGKILL):  # the whole session: torchrun and its workers
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, stop)
+            time.sleep(2)
+        _, stderr = process.communicate()
+        message = f"torchrun did not finish within {TIMEOUT_SECONDS} s; its stderr, with the stacks:"
+        pytest.fail(f"{message}\n{stderr[-6000:]}")
+    assert process.returncode == 0, stderr[-3000:]
     # 8 clips, 2 per process and step, 2 processes: 2 optimizer steps, each logged with its loss components
     state = (tmp_path / "out" / "trainer_state.json").read_text()
     assert state.count('"contrastive_accuracy"') == 2 and '"global_step": 2' in state
