@@ -1,10 +1,12 @@
 """The original-checkpoint converter: key mapping, shape inference and its refusals."""
 
+import json
+
 import pytest
 import torch
 from conftest import FIXTURES
 
-from cavmae_hf import CavMaeForAudioVisualClassification
+from cavmae_hf import CavMaeForAudioVisualClassification, CavMaeForPreTraining
 from cavmae_hf.convert_original_checkpoint import (
     CheckpointConversionError,
     convert_checkpoint,
@@ -89,6 +91,39 @@ def test_missing_keys_are_listed(tmp_path):
     with pytest.raises(CheckpointConversionError, match="shared_layers.0.layernorm_before.audio.weight"):
         convert_checkpoint(tmp_path / "missing.pth", tmp_path / "out", num_attention_heads=4)
 
+
+
+def test_partial_checkpoint_keeps_initialisation_of_missing_weights_and_lists_both_sides(tmp_path, capsys):
+    """A starting point that covers part of the model: some weights absent, some keys foreign."""
+    state = torch.load(PRETRAIN, weights_only=True)
+    del state["module.blocks_u.0.norm1_a.weight"], state["module.decoder_pred_a.bias"]
+    state["module.cls_token"] = torch.zeros(1, 1, 64)
+    torch.save(state, tmp_path / "partial.pth")
+    with pytest.raises(CheckpointConversionError, match="missing from the checkpoint"):
+        convert_checkpoint(tmp_path / "partial.pth", tmp_path / "strict", num_attention_heads=4)
+
+    arguments = ["--checkpoint", str(tmp_path / "partial.pth"), "--output", str(tmp_path / "out")]
+    assert main([*arguments, "--num-attention-heads", "4", "--partial"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert sorted(summary["initialized_keys"]) == [
+        "cav_mae.shared_layers.0.layernorm_before.audio.weight",
+        "decoder.audio_prediction.bias",
+    ]
+    assert summary["ignored_original_keys"] == ["cls_token"]
+    model = CavMaeForPreTraining.from_pretrained(tmp_path / "out")
+    weights = model.state_dict()
+    assert torch.equal(weights["cav_mae.shared_layers.0.layernorm_before.audio.weight"], torch.ones(64))
+    assert torch.equal(weights["decoder.audio_prediction.bias"], torch.zeros_like(weights["decoder.audio_prediction.bias"]))
+    original = state["module.blocks_a.1.mlp.fc1.weight"]
+    assert torch.equal(weights["cav_mae.audio_layers.1.mlp.fc1.weight"], original)
+
+
+def test_partial_checkpoint_still_refuses_shape_mismatches(tmp_path):
+    state = torch.load(PRETRAIN, weights_only=True)
+    state["module.blocks_a.2.mlp.fc1.weight"] = torch.zeros(128, 64)
+    torch.save(state, tmp_path / "shape.pth")
+    with pytest.raises(CheckpointConversionError, match="shape mismatches"):
+        convert_checkpoint(tmp_path / "shape.pth", tmp_path / "out", num_attention_heads=4, partial=True)
 
 def test_shape_mismatch_is_listed(tmp_path):
     state = torch.load(PRETRAIN, weights_only=True)

@@ -8,7 +8,10 @@ Convert an original CAV-MAE checkpoint (`YuanGongND/cav-mae`, a flat `.pth` stat
 Pretraining checkpoints (with decoder) become `CavMaeForPreTraining`, fine-tuned ones (with `mlp_head`)
 `CavMaeForAudioVisualClassification`, encoder-only ones `CavMaeModel`. Sizes, depths, the split between
 modality-specific and shared layers, the audio length and the number of labels are read from the tensor shapes.
-Every key must be mapped: unmapped or missing keys stop the conversion with their list.
+Every key must be mapped: unmapped or missing keys stop the conversion with their list. `--partial` is for
+starting points that cover only part of the model: missing weights keep their initialisation, keys that map to
+nothing are left out, both listed; shapes must still match. (The reference's ImageNet-MAE initialisation for
+pretraining, `IN-initial.pth`, is a whole pretraining checkpoint and needs no `--partial`.)
 """
 
 import argparse
@@ -92,6 +95,8 @@ class KeyMapping:
     state_dict: dict = field(default_factory=dict)
     unmapped: list = field(default_factory=list)
     unused: list = field(default_factory=list)
+    initialized: list = field(default_factory=list)  # with `partial`: our keys the checkpoint has no weights for
+    ignored: list = field(default_factory=list)  # with `partial`: keys of the checkpoint that were left out
 
 
 def map_key(key: str) -> str | None:
@@ -310,14 +315,23 @@ def default_labels(num_labels: int) -> dict[int, str] | None:
 
 
 # Conversion --------------------------------------------------------------------------------------------------
-def convert_state_dict(original: dict, config: CavMaeConfig, model_class=None):
-    """Build the model for `config` and load the mapped weights into it, checking every key and shape."""
+def convert_state_dict(original: dict, config: CavMaeConfig, model_class=None, partial: bool = False):
+    """
+    Build the model for `config` and load the mapped weights into it, checking every key and shape. With
+    `partial`, missing weights keep their initialisation and unknown keys are left out (listed in the mapping's
+    `initialized` and `ignored`).
+    """
     model_class = model_class or model_class_for(original)
     mapping = map_state_dict(original)
     model = model_class(config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(mapping.state_dict))
     unexpected = sorted(set(mapping.state_dict) - set(expected))
+    if partial:
+        mapping.initialized, missing = missing, []
+        mapping.ignored = mapping.unmapped + unexpected
+        mapping.unmapped, unexpected = [], []
+        mapping.state_dict = {key: tensor for key, tensor in mapping.state_dict.items() if key in expected}
     mismatched = [
         f"{key}: checkpoint {tuple(tensor.shape)} vs model {tuple(expected[key].shape)}"
         for key, tensor in mapping.state_dict.items()
@@ -344,7 +358,7 @@ def convert_state_dict(original: dict, config: CavMaeConfig, model_class=None):
         problems.append(f"shape mismatches: {mismatched}")
     if problems:
         raise CheckpointConversionError("Cannot convert the checkpoint:\n- " + "\n- ".join(problems))
-    model.load_state_dict(mapping.state_dict, strict=True)
+    model.load_state_dict(mapping.state_dict, strict=not partial)
     model._freeze_position_embeddings()
     return model.eval(), mapping
 
@@ -359,8 +373,12 @@ def convert_checkpoint(
     classification_mode: str | None = None,
     problem_type: str | None = None,
     source_name: str | None = None,
+    partial: bool = False,
 ):
-    """Convert `checkpoint` into `output_dir` (safetensors, config, feature-extractor config, model card)."""
+    """
+    Convert `checkpoint` into `output_dir` (safetensors, config, feature-extractor config, model card).
+    `partial`: accept a checkpoint that covers only part of the model (see the module's docstring).
+    """
     if Path(output_dir).exists() and not Path(output_dir).is_dir():
         raise CheckpointConversionError(f"--output {output_dir} is a file; give a directory to write the model into.")
     original = load_original_state_dict(checkpoint)
@@ -384,7 +402,7 @@ def convert_checkpoint(
         config.problem_type = problem_type or (
             "multi_label_classification" if config.num_labels == AUDIOSET_NUM_LABELS else "single_label_classification"
         )
-    model, mapping = convert_state_dict(original, config, model_class)
+    model, mapping = convert_state_dict(original, config, model_class, partial=partial)
     output_dir = Path(output_dir)
     model.save_pretrained(output_dir)
     CavMaeFeatureExtractor(max_length=config.audio_length, num_mel_bins=config.num_mel_bins).save_pretrained(output_dir)
@@ -429,6 +447,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("single_label_classification", "multi_label_classification"),
         help="default: multi-label for 527 (AudioSet) labels, single-label otherwise",
     )
+    parser.add_argument(
+        "--partial",
+        action="store_true",
+        help="a starting point that covers only part of the model: missing "
+        "weights keep their initialisation, unknown keys are left out; both are listed",
+    )
     return parser
 
 
@@ -444,6 +468,7 @@ def main(argv=None) -> int:
             decoder_num_attention_heads=args.decoder_num_attention_heads,
             classification_mode=args.classification_mode,
             problem_type=args.problem_type,
+            partial=args.partial,
         )
     except (CheckpointConversionError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -454,6 +479,8 @@ def main(argv=None) -> int:
         "parameters": sum(p.numel() for p in model.parameters()),
         "unused_original_keys": len(mapping.unused),
     }
+    if args.partial:
+        summary.update(initialized_keys=mapping.initialized, ignored_original_keys=mapping.ignored)
     print(json.dumps(summary))
     return 0
 
