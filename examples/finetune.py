@@ -50,6 +50,7 @@ from cavmae_hf.training import (
     load_train_and_eval_datasets,
     parse_config_overrides,
     parse_script_arguments,
+    streaming_training_set,
     train_save_and_evaluate,
     transform_options,
 )
@@ -146,7 +147,7 @@ def main(argv=None):
         **transform_options(data_args),
     )
     if streaming:
-        train = train.to_iterable_dataset(num_shards=max(1, training_args.dataloader_num_workers))
+        train = streaming_training_set(train, training_args, data_args.shuffle_buffer_size)
     if training_args.weight_averaging and training_args.load_best_model_at_end:
         raise ValueError("Choose --weight_averaging or --load_best_model_at_end: both set the final weights.")
 

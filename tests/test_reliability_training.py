@@ -316,6 +316,37 @@ def test_resume_with_dataloader_workers_and_balanced_sampling(tmp_path, clips, p
     assert [got[step] for step in after] == pytest.approx([expected[step] for step in after], rel=1e-6, abs=1e-7)
 
 
+@pytest.mark.parametrize("workers", [0, 1], ids=["no-workers", "workers"])
+def test_streaming_run_resumes_across_epochs_with_the_same_shuffle_and_loss_curve(tmp_path, clips, workers):
+    """A shuffled IterableDataset (--streaming): 4 steps per epoch (12 clips, 3 per step), resumed at step 5 and at
+    step 10, i.e. inside epochs 2 and 3, continues as the uninterrupted run (the Trainer alone would take the stream
+    for one epoch of max_steps and skip the wrong batches)."""
+    options = dict(streaming_buffer=5, num_train_epochs=3, save_steps=5, dataloader_num_workers=workers)
+    uninterrupted = build_trainer(clips, tmp_path / "run", **options)
+    assert uninterrupted.args.steps_per_epoch == 4 and uninterrupted.args.max_steps == 12
+    uninterrupted.train()
+    expected = losses(uninterrupted)
+    assert sorted(expected) == list(range(1, 13)) and uninterrupted.state.epoch == pytest.approx(3.0)
+    for step in (5, 10):
+        resumed = build_trainer(clips, tmp_path / "run", **options)
+        resumed.train(resume_from_checkpoint=str(tmp_path / "run" / f"checkpoint-{step}"))
+        got = losses(resumed)
+        after = range(step + 1, 13)
+        assert [got[s] for s in after] == pytest.approx([expected[s] for s in after], rel=1e-6, abs=1e-7), step
+    if workers == 0:  # the recorded clip order (with workers, the transform runs in the worker processes)
+        order = uninterrupted.train_dataset._ex_iterable  # noqa: SLF001 - only to find the recording transform
+        while not isinstance(getattr(order, "function", None), AudioVisualTransform):
+            order = order.ex_iterable
+        epochs = [sorted(map(tuple, order.function.batches[e * 4 : e * 4 + 4])) for e in range(3)]
+        assert epochs[0] != epochs[1] != epochs[2], "the stream is reshuffled every epoch"
+
+
+def test_streaming_needs_a_full_global_batch_and_a_positive_buffer(tmp_path, clips):
+    with pytest.raises(CavMaeDataError, match="one global batch of 24"):
+        build_trainer(clips, tmp_path, streaming_buffer=5, per_device_train_batch_size=24)
+    with pytest.raises(CavMaeDataError, match="shuffle_buffer_size"):
+        build_trainer(clips, tmp_path, streaming_buffer=0)
+
 def test_resume_takes_the_newest_complete_checkpoint(tmp_path):
     def checkpoint(step: int, state: str | None, weights: bool = True) -> Path:
         folder = tmp_path / f"checkpoint-{step}"

@@ -406,3 +406,18 @@ def test_examples_pretrain_finetune_and_retrieve(tmp_path, video_folder, capsys)
         ["--model_name_or_path", str(finetuned), "--data", str(video_folder), "--frames", "all"]
     )
     assert "audio -> visual: R@1" in capsys.readouterr().out
+
+
+def test_examples_stream_with_epochs_of_full_batches(tmp_path, video_folder):
+    """--streaming: no --max_steps needed; an epoch is the full global batches of the set (9 clips, 4 per step: 2)."""
+    clips = len(list(Path(video_folder).rglob("*.mp4")))
+    steps_per_epoch = clips // 4
+    for name, extra in (("pretrain", ["--config_overrides", TINY_OVERRIDES]), ("finetune", ["--freqm", "4"])):
+        output = tmp_path / name
+        load_example(name).main(
+            ["--train_data", str(video_folder), "--output_dir", str(output), "--streaming", "--num_train_epochs", "2",
+             "--shuffle_buffer_size", "4", *extra, *TINY_DATA, *TINY_TRAINING]
+        )
+        state = json.loads((output / "trainer_state.json").read_text())
+        assert state["global_step"] == state["max_steps"] == 2 * steps_per_epoch, name
+        assert state["epoch"] == pytest.approx(2.0), name

@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import tiny_config_kwargs  # noqa: E402
 
 from cavmae_hf import CavMaeConfig, CavMaeFeatureExtractor, CavMaeForPreTraining  # noqa: E402
-from cavmae_hf.data import AudioVisualTransform  # noqa: E402
-from cavmae_hf.training import CavMaeTrainer, CavMaeTrainingArguments  # noqa: E402
+from cavmae_hf.data import AudioVisualTransform, with_transform  # noqa: E402
+from cavmae_hf.training import CavMaeTrainer, CavMaeTrainingArguments, streaming_training_set  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 BLOCKED_MARKER = "blocked"
@@ -50,8 +50,9 @@ def augmented_transform(extractor) -> RecordingTransform:
     return RecordingTransform(extractor, training=True, freqm=4, timem=8, mixup=0.5, noise=True)
 
 
-def build_trainer(clips, output_dir, callbacks=(), **overrides) -> CavMaeTrainer:
-    """A deterministic tiny pretraining Trainer over `clips` (a decoded clip dataset)."""
+def build_trainer(clips, output_dir, callbacks=(), streaming_buffer: int | None = None, **overrides) -> CavMaeTrainer:
+    """A deterministic tiny pretraining Trainer over `clips` (a decoded clip dataset); with `streaming_buffer`, over
+    the clips streamed as a shuffled IterableDataset (`streaming_training_set`) with that shuffle buffer."""
     torch.manual_seed(0)
     extractor = CavMaeFeatureExtractor(max_length=64, num_mel_bins=32, image_size=32)
     model = CavMaeForPreTraining(CavMaeConfig(**tiny_config_kwargs(contrastive_loss_weight=0.1)))
@@ -70,12 +71,13 @@ def build_trainer(clips, output_dir, callbacks=(), **overrides) -> CavMaeTrainer
         use_cpu=True,
     )
     values.update(overrides)
-    return CavMaeTrainer(
-        model=model,
-        args=CavMaeTrainingArguments(**values),
-        train_dataset=clips.with_transform(augmented_transform(extractor)),
-        callbacks=list(callbacks),
-    )
+    args = CavMaeTrainingArguments(**values)
+    if streaming_buffer is None:
+        train = clips.with_transform(augmented_transform(extractor))
+    else:
+        stream = streaming_training_set(clips, args, streaming_buffer)
+        train = with_transform(stream, augmented_transform(extractor), args.per_device_train_batch_size)
+    return CavMaeTrainer(model=model, args=args, train_dataset=train, callbacks=list(callbacks))
 
 
 def break_clips(clips, indices, missing_file):

@@ -43,7 +43,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, WeightedRandomSampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length
 from transformers.utils import logging
 
 from .configuration_cav_mae import CavMaeConfig, CavMaeError
@@ -123,7 +123,10 @@ class CavMaeTrainingArguments(TrainingArguments):
     lr_decay: float = field(default=0.5, metadata={"help": "Decay factor (reference lrscheduler_decay)."})
     steps_per_epoch: int | None = field(
         default=None,
-        metadata={"help": "Optimizer steps per epoch of the step schedule when the dataset has no length (streaming)."},
+        metadata={
+            "help": "Optimizer steps per epoch when the training set has no length (streaming): the Trainer's epochs "
+            "(reshuffling, resuming) and the step schedule. --streaming sets it from the number of clips."
+        },
     )
     balanced_sampling: bool = field(
         default=False, metadata={"help": "Sample clips with class-balancing weights (reference --bal bal)."}
@@ -167,7 +170,15 @@ class DataArguments:
     )
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for decode_once."})
     streaming: bool = field(
-        default=False, metadata={"help": "Iterate the training set as an IterableDataset (no random access)."}
+        default=False,
+        metadata={
+            "help": "Iterate the training set as an IterableDataset (no random access): shuffled through a buffer, "
+            "reshuffled every epoch; an epoch is --steps_per_epoch optimizer steps (default: as many full global "
+            "batches as the set holds) and --max_steps defaults to num_train_epochs of them."
+        },
+    )
+    shuffle_buffer_size: int = field(
+        default=1000, metadata={"help": "With --streaming: clips in the shuffle buffer (1: no shuffling)."}
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training clips."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation clips."})
@@ -275,8 +286,37 @@ def load_train_and_eval_datasets(data_args: DataArguments, training_args: Traini
             if evaluation is not None:
                 evaluation = decode_clips(evaluation, data_args.num_frames, desc="Decoding eval", **options)
     if data_args.streaming:
-        train = train.to_iterable_dataset(num_shards=max(1, training_args.dataloader_num_workers))
+        train = streaming_training_set(train, training_args, data_args.shuffle_buffer_size)
     return train, evaluation
+
+
+def streaming_training_set(clips, training_args: TrainingArguments, shuffle_buffer_size: int = 1000):
+    """
+    `clips` (a map-style clip dataset) as a shuffled `datasets.IterableDataset` for streaming training: one shard
+    per DataLoader worker, a shuffle buffer seeded by `data_seed` (or `seed`) and reshuffled every epoch. Sets the
+    epoch length the Trainer cannot know (`steps_per_epoch`, when not given: the full global batches in `clips`)
+    and `max_steps` (when not given: `num_train_epochs` epochs), so that epochs, the learning-rate schedule and
+    resuming line up with the map-style run.
+    """
+    if shuffle_buffer_size < 1:
+        raise CavMaeDataError(f"shuffle_buffer_size must be at least 1, got {shuffle_buffer_size}.")
+    global_batch = (
+        training_args.per_device_train_batch_size * training_args.world_size * training_args.gradient_accumulation_steps
+    )
+    if getattr(training_args, "steps_per_epoch", None) is None:
+        if len(clips) < global_batch:
+            raise CavMaeDataError(
+                f"{len(clips)} training clips do not fill one global batch of {global_batch} (per-device batch x "
+                "processes x gradient accumulation): nothing to stream."
+            )
+        training_args.steps_per_epoch = len(clips) // global_batch  # full batches only: every epoch alike
+    if training_args.max_steps is None or training_args.max_steps <= 0:
+        training_args.max_steps = math.ceil(training_args.num_train_epochs * training_args.steps_per_epoch)
+    stream = clips.to_iterable_dataset(num_shards=max(1, training_args.dataloader_num_workers))
+    if shuffle_buffer_size > 1:
+        seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
+        stream = stream.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
+    return stream
 
 
 def feature_extractor_from_data_args(data_args: DataArguments):
@@ -732,9 +772,14 @@ class CavMaeTrainer(Trainer):
             error.add_note(f"cavmae-hf: raised on {where}.")
 
     def set_initial_training_values(self, args, dataloader):
-        values = super().set_initial_training_values(args, dataloader)
+        values = list(super().set_initial_training_values(args, dataloader))
+        if not has_length(dataloader) and getattr(args, "steps_per_epoch", None):
+            # The Trainer takes a dataset without length for one epoch of max_steps: its epoch count, the per-epoch
+            # reshuffle and, on resuming, the batches it skips would then be wrong past the first pass over the data.
+            values[1] = args.steps_per_epoch  # optimizer steps per epoch
+            values[5] = args.steps_per_epoch * args.gradient_accumulation_steps  # batches per epoch
         self._update_steps_per_epoch = values[1]
-        return values
+        return tuple(values)
 
     # Optimizer and schedule -------------------------------------------------------------------------------------
     def create_optimizer(self, model=None):
