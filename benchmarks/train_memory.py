@@ -14,6 +14,12 @@ On CPU two numbers are reported per configuration:
   counterpart of `torch.cuda.max_memory_allocated`, which is reported on GPU.
 Both include the fixed part every configuration shares: weights, gradients and the two AdamW moments (4 x 4 bytes per
 trainable parameter, about 3 GB at ViT-B size), which no activation saving can go below.
+
+The "AdamW in backward" configuration (not in the defaults) shows what lies below that floor: each parameter's
+AdamW step runs as soon as its gradient is complete (`register_post_accumulate_grad_hook`), and the gradient is
+freed at once, so the step never holds all gradients. The arithmetic is that of AdamW on every parameter, but it
+leaves no room for gradient clipping, gradient accumulation or DDP's all-reduce, so it is a measurement here, not
+an option of `CavMaeTrainer`.
 """
 
 import argparse
@@ -32,6 +38,7 @@ CONFIGS = {
     "ours (sdpa, checkpointing)": dict(attn="sdpa", checkpointing=True),
     "ours (sdpa, no recomputation)": dict(attn="sdpa", recompute=False),
     "ours (eager, checkpointing)": dict(attn="eager", checkpointing=True),
+    "ours (sdpa, checkpointing, AdamW in backward)": dict(attn="sdpa", checkpointing=True, step_in_backward=True),
 }
 DEFAULT_CONFIGS = list(CONFIGS)[:5]
 
@@ -39,6 +46,30 @@ DEFAULT_CONFIGS = list(CONFIGS)[:5]
 def rss_gib() -> float:
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+class _AdamWInBackward:
+    """One fused AdamW per parameter, stepped from the parameter's post-accumulate-grad hook, which then frees the
+    gradient. Exposes `zero_grad`, `step` (a no-op: the steps happened in backward) and `state`, as the loop needs."""
+
+    def __init__(self, parameters, **options):
+        self.optimizers = {p: torch.optim.AdamW([p], fused=True, **options) for p in parameters}
+        for parameter in parameters:
+            parameter.register_post_accumulate_grad_hook(self._step_parameter)
+
+    def _step_parameter(self, parameter):
+        self.optimizers[parameter].step()
+        parameter.grad = None
+
+    @property
+    def state(self):
+        return {p: o.state[p] for p, o in self.optimizers.items() if p in o.state}
+
+    def zero_grad(self, set_to_none=True):
+        pass
+
+    def step(self):
+        pass
 
 
 def child(name: str, batch_size: int, steps: int, device: torch.device, threads: int | None) -> dict:
@@ -64,7 +95,10 @@ def child(name: str, batch_size: int, steps: int, device: torch.device, threads:
         loss_of = lambda: model(audio, frames).loss  # noqa: E731
     model = model.to(device).train()
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=1e-5, weight_decay=5e-7, fused=True)
+    if settings.get("step_in_backward"):
+        optimizer = _AdamWInBackward(parameters, lr=1e-5, weight_decay=5e-7)
+    else:
+        optimizer = torch.optim.AdamW(parameters, lr=1e-5, weight_decay=5e-7, fused=True)
     audio = torch.randn(batch_size, config.audio_length, config.num_mel_bins, device=device)
     frames = torch.randn(batch_size, config.num_channels, config.image_size, config.image_size, device=device)
 
@@ -145,11 +179,11 @@ def main():
 
     key = "cuda_max_allocated_gib" if device.type == "cuda" else "live_peak_gib"
     reference = results.get("original CAVMAE")
-    print(f"{'configuration':<32}{'peak RSS GiB':>13}{'vs original':>12}{'live peak GiB':>14}{'vs original':>12}")
+    print(f"{'configuration':<48}{'peak RSS GiB':>13}{'vs original':>12}{'live peak GiB':>14}{'vs original':>12}")
     for name, result in results.items():
         rss_ratio = f"{result['peak_rss_gib'] / reference['peak_rss_gib']:.2f}x" if reference else "-"
         live_ratio = f"{result[key] / reference[key]:.2f}x" if reference else "-"
-        print(f"{name:<32}{result['peak_rss_gib']:>13.2f}{rss_ratio:>12}{result[key]:>14.2f}{live_ratio:>12}")
+        print(f"{name:<48}{result['peak_rss_gib']:>13.2f}{rss_ratio:>12}{result[key]:>14.2f}{live_ratio:>12}")
     some = next(r for n, r in results.items() if n != "original CAVMAE")
     if device.type == "cpu":
         print(f"fixed part (weights + AdamW moments + inputs, live at the start of a step): {some['static_gib']:.2f} GiB;"
@@ -157,7 +191,7 @@ def main():
               f" process RSS before building a model {some['rss_before_model_gib']:.2f} GiB")
     if reference:
         parts = []
-        for name in ("ours (sdpa)", "ours (sdpa, checkpointing)"):
+        for name in ("ours (sdpa)", "ours (sdpa, checkpointing)", "ours (sdpa, checkpointing, AdamW in backward)"):
             if name in results:
                 parts.append(f"{name} peak RSS {results[name]['peak_rss_gib'] / reference['peak_rss_gib']:.2f}x, "
                              f"live {results[name][key] / reference[key]:.2f}x")
