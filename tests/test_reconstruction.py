@@ -142,3 +142,33 @@ def test_reconstruct_a_video_file(tmp_path):
         reconstruct_clip(model, silent, feature_extractor=extractor)
     with pytest.raises(CavMaeInputError, match="out of range"):
         reconstruct_clip(model, video, feature_extractor=extractor, frame_index=10)
+
+
+def test_example_inpainting_script_reports_losses_per_ratio_and_draws_the_first_clips(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from inference_helpers import save_tiny_pretraining
+
+    model_dir = save_tiny_pretraining(tmp_path / "model")
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for seed in range(3):
+        write_clip(videos / f"clip{seed}.mp4", seed=seed)
+    path = Path(__file__).resolve().parents[1] / "examples" / "inpainting.py"
+    spec = importlib.util.spec_from_file_location("example_inpainting", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    output = tmp_path / "out"
+    example.main(
+        ["--model_name_or_path", str(model_dir), "--data", str(videos), "--output_dir", str(output),
+         "--mask_ratios", "0.25", "0.75", "--num_figures", "2", "--batch_size", "2"]
+    )  # fmt: skip
+    rows = json.loads((output / "results.json").read_text())
+    assert [row["mask_ratio"] for row in rows] == [0.25, 0.75]
+    assert all(row["audio_mse"] > 0 and row["visual_mse"] > 0 for row in rows)
+    assert sorted(p.name for p in output.glob("*.png")) == [
+        "clip0_0.25.png", "clip0_0.75.png", "clip1_0.25.png", "clip1_0.75.png"
+    ]  # fmt: skip
+
