@@ -456,7 +456,7 @@ def render_figure(path: Path, pretrain_history, finetune_history, results: dict,
     twin.legend(loc="center right", fontsize=8)
     finetuning.set_title(f"fine-tuning: test accuracy {results['accuracy']:.1%} (10 frames)")
     finetuning.set_xlabel("step")
-    finetuning.legend(loc="upper right", fontsize=8)
+    finetuning.legend(loc="upper center", fontsize=8)
 
     if reconstruction is not None:
         for axis, image, name in zip(
