@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 from transformers import HfArgumentParser
 
-from cavmae_hf import CavMaeFeatureExtractor, CavMaeForPreTraining
+from cavmae_hf import CavMaeForPreTraining
 from cavmae_hf.data import AudioVisualDataCollator, AudioVisualTransform, decode_clips
+from cavmae_hf.pipelines import load_feature_extractor
 from cavmae_hf.reconstruction import reconstruct, render_reconstruction
 from cavmae_hf.training import load_clip_dataset
 
@@ -50,16 +51,8 @@ class InpaintingArguments:
 def main(argv=None) -> int:
     (args,) = HfArgumentParser(InpaintingArguments).parse_args_into_dataclasses(argv)
     model = CavMaeForPreTraining.from_pretrained(args.model_name_or_path).eval()
-    try:
-        extractor = CavMaeFeatureExtractor.from_pretrained(args.model_name_or_path)
-    except OSError:
-        config = model.config
-        extractor = CavMaeFeatureExtractor(
-            max_length=config.audio_length, num_mel_bins=config.num_mel_bins, image_size=config.image_size
-        )
-    clips = load_clip_dataset(args.data, args.label_csv, args.num_frames)
-    if args.max_samples is not None:
-        clips = clips.select(range(min(args.max_samples, len(clips))))
+    extractor = load_feature_extractor(args.model_name_or_path, model.config)
+    clips = load_clip_dataset(args.data, args.label_csv, args.num_frames, max_samples=args.max_samples)
     if args.decode_once:
         clips = decode_clips(clips, args.num_frames)
     # a clip that does not load stops the run with its name: skipping it would shift the clip names of the figures

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 from transformers import AutoConfig, HfArgumentParser
 
-from cavmae_hf import CavMaeFeatureExtractor, CavMaeModel
+from cavmae_hf import CavMaeModel
 from cavmae_hf.data import AudioVisualTransform, decode_clips
-from cavmae_hf.pipelines import load_model_as_saved
+from cavmae_hf.pipelines import load_feature_extractor, load_model_as_saved
 from cavmae_hf.training import load_clip_dataset
 
 
@@ -43,15 +43,8 @@ def main(argv=None) -> int:
 
     config = AutoConfig.from_pretrained(args.model_name_or_path)
     model = load_model_as_saved(args.model_name_or_path) if config.architectures else CavMaeModel(config)
-    try:
-        extractor = CavMaeFeatureExtractor.from_pretrained(args.model_name_or_path)
-    except OSError:
-        extractor = CavMaeFeatureExtractor(
-            max_length=config.audio_length, num_mel_bins=config.num_mel_bins, image_size=config.image_size
-        )
-    dataset = load_clip_dataset(args.data, args.label_csv, args.num_frames)
-    if args.max_samples is not None:
-        dataset = dataset.select(range(min(args.max_samples, len(dataset))))
+    extractor = load_feature_extractor(args.model_name_or_path, config)
+    dataset = load_clip_dataset(args.data, args.label_csv, args.num_frames, max_samples=args.max_samples)
     if args.decode_once:
         dataset = decode_clips(dataset, args.num_frames)
     transform = AudioVisualTransform(extractor, num_frames=args.num_frames, frame_index=args.frames)

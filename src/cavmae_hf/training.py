@@ -240,21 +240,27 @@ def load_clip_dataset(
     num_frames: int = DEFAULT_NUM_FRAMES,
     label_set: LabelSet | None = None,
     allowed_root=None,
+    max_samples: int | None = None,
 ):
     """A clip dataset from a folder of videos, a CSV of videos (`.csv`) or a reference data file (`.json`).
-    `allowed_root` (a folder, or True for the data file's own folder) refuses paths that resolve outside it."""
+    `allowed_root` (a folder, or True for the data file's own folder) refuses paths that resolve outside it;
+    `max_samples` keeps only the first clips."""
     path = Path(path)
     if label_set is None and label_csv is not None:
         label_set = read_label_csv(label_csv)
     if path.is_dir():
-        return dataset_from_folder(path, label_set=label_set, allowed_root=allowed_root)
-    if path.suffix.lower() == ".csv":
-        return dataset_from_csv(path, label_set=label_set, allowed_root=allowed_root)
-    if path.suffix.lower() == ".json":
-        return dataset_from_reference_json(
+        clips = dataset_from_folder(path, label_set=label_set, allowed_root=allowed_root)
+    elif path.suffix.lower() == ".csv":
+        clips = dataset_from_csv(path, label_set=label_set, allowed_root=allowed_root)
+    elif path.suffix.lower() == ".json":
+        clips = dataset_from_reference_json(
             path, label_csv=label_csv, num_frames=num_frames, allowed_root=allowed_root
         )
-    raise CavMaeDataError(f"{path}: expected a folder of videos, a .csv or a reference .json data file.")
+    else:
+        raise CavMaeDataError(f"{path}: expected a folder of videos, a .csv or a reference .json data file.")
+    if max_samples is not None:
+        clips = clips.select(range(min(max_samples, len(clips))))
+    return clips
 
 
 def load_train_and_eval_datasets(data_args: DataArguments, training_args: TrainingArguments):
@@ -263,17 +269,13 @@ def load_train_and_eval_datasets(data_args: DataArguments, training_args: Traini
     iterable with `streaming`. `eval` is None without `eval_data`."""
     from .data import decode_clips
 
-    root = data_args.allowed_root
-    train = load_clip_dataset(data_args.train_data, data_args.label_csv, data_args.num_frames, allowed_root=root)
-    evaluation = None
-    if data_args.eval_data:
-        evaluation = load_clip_dataset(
-            data_args.eval_data, data_args.label_csv, data_args.num_frames, allowed_root=root
+    def load(path, max_samples):
+        return load_clip_dataset(
+            path, data_args.label_csv, data_args.num_frames, allowed_root=data_args.allowed_root, max_samples=max_samples
         )
-    if data_args.max_train_samples is not None:
-        train = train.select(range(min(data_args.max_train_samples, len(train))))
-    if evaluation is not None and data_args.max_eval_samples is not None:
-        evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
+
+    train = load(data_args.train_data, data_args.max_train_samples)
+    evaluation = load(data_args.eval_data, data_args.max_eval_samples) if data_args.eval_data else None
     if data_args.decode_once:
         with training_args.main_process_first(desc="decoding clips"):
             options = {
