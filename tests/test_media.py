@@ -62,22 +62,36 @@ def test_stereo_44k_video_gives_16k_mono_first_channel_and_uniform_frames(tmp_pa
     assert clip.sampling_rate == 16000 and clip.audio.dtype == np.float32
     assert abs(len(clip.audio) - 48000) < 1200  # 3 s, give or take the codec's priming samples
     assert abs(dominant_frequency(clip.audio, 16000) - 440) < 5  # the first channel, not a mix
-    assert len(clip.frames) == 10 and clip.frames[0].size == (64, 48) and clip.frames[0].mode == "RGB"
-    expected = [round(255 * i / (count - 1)) for i in media.frame_indices(count, 10)]
-    red = [np.asarray(frame)[24, 32, 0] for frame in clip.frames]
-    assert np.abs(np.array(red, float) - expected).max() < 12, (red, expected)
+    assert np.array_equal(clip.audio * 32768, np.round(clip.audio * 32768))  # 16-bit samples, as the reference's WAV
+    assert len(clip.frames) == 10 and clip.frames[0].size == (224, 224) and clip.frames[0].mode == "RGB"
+    # mkv declares no frame count: OpenCV's floor(duration * fps + 0.5) with the container's 3.047 s (where the
+    # audio track ends) counts 76
+    assert clip.frame_numbers == media.opencv_frame_indices(count + (suffix == ".mkv"), 10)
+    full = media.load_video(path, load_audio=False, frame_transform="none")
+    assert full.frames[0].size == (64, 48) and full.frame_numbers == clip.frame_numbers
+    expected = [round(255 * i / (count - 1)) for i in clip.frame_numbers]
+    for frames, (row, column) in ((clip.frames, (112, 112)), (full.frames, (24, 32))):
+        red = [np.asarray(frame)[row, column, 0] for frame in frames]
+        assert np.abs(np.array(red, float) - expected).max() < 12, (red, expected)
 
 
 def test_frames_are_taken_from_the_first_ten_seconds(tmp_path):
     path = media.write_video(tmp_path / "long.mp4", colour_ramp(300, 32, 32), fps=25)  # 12 s
     clip = media.load_video(path, load_audio=False)
     assert clip.audio is None
-    assert [round(t, 2) for t in clip.frame_times] == [i * 25 / 25 for i in range(10)]
+    assert clip.frame_numbers == [0, 24, 49, 74, 99, 124, 149, 174, 199, 224]  # of 250 in 10 s: one frame early
+    assert clip.frame_times == pytest.approx([number / 25 for number in clip.frame_numbers])
+    by_time = media.load_video(path, load_audio=False, frame_selection="timestamp")
+    assert [round(t, 2) for t in by_time.frame_times] == [float(i) for i in range(10)]
+    assert by_time.frame_numbers == [25 * i for i in range(10)]
 
 
 def test_reference_frame_indices():
     assert media.frame_indices(250, 10) == [0, 25, 50, 75, 100, 125, 150, 175, 200, 225]
     assert media.frame_indices(75, 10) == [0, 7, 15, 22, 30, 37, 45, 52, 60, 67]
+    assert media.opencv_frame_indices(250, 10) == [0, 24, 49, 74, 99, 124, 149, 174, 199, 224]
+    assert media.opencv_frame_indices(75, 10) == [0, 6, 14, 21, 29, 36, 44, 51, 59, 66]
+    assert media.opencv_frame_indices(3, 10) == [0, 0, 0, 0, 0, 0, 0, 1, 1, 1]
 
 
 def test_fractional_frame_rates_are_exact(tmp_path):
@@ -101,7 +115,7 @@ def test_variable_frame_rate_is_sampled_by_time(tmp_path):
             frame.pts, frame.time_base = round(time * 1000), Fraction(1, 1000)
             container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
-    clip = media.load_video(path, load_audio=False)
+    clip = media.load_video(path, load_audio=False, frame_selection="timestamp", frame_transform="none")
     with av.open(str(path)) as container:
         rate = container.streams.video[0].average_rate  # 50 frames over 2.88 s
     targets = [index / rate for index in media.frame_indices(50, 10)]
@@ -115,10 +129,12 @@ def test_rotated_phone_video_is_turned_upright(tmp_path):
     frames = np.zeros((4, 48, 64, 3), np.uint8)
     frames[:, :16, :16, 0] = 255  # a red mark at the top left of the stored picture
     path = media.write_video(tmp_path / "rotated.mp4", frames, fps=25, rotation=90)
-    clip = media.load_video(path, load_audio=False, num_frames=2)
+    clip = media.load_video(path, load_audio=False, num_frames=2, frame_transform="none")
     upright = np.asarray(clip.frames[0])
     assert upright.shape == (64, 48, 3)
     assert upright[-5, 4, 0] > 200 and upright[4, 4, 0] < 50  # turned 90 degrees counter-clockwise: bottom left
+    default = media.load_video(path, load_audio=False, num_frames=2)  # the upright frame, then the 224 crop
+    assert default.frames[0].tobytes() == media.reference_frame(clip.frames[0]).tobytes()
 
 
 def test_audio_only_and_video_only_files(tmp_path):
@@ -193,7 +209,7 @@ def test_damaged_video_data(tmp_path):
         container.mux(stream.encode(None))
     data = path.read_bytes()
     (tmp_path / "cut.mp4").write_bytes(data[: len(data) // 2])
-    with pytest.warns(UserWarning, match="ended at .* last frame is repeated"):
+    with pytest.warns(UserWarning, match="ended at .* the last frame found is repeated"):
         clip = media.load_video(tmp_path / "cut.mp4", load_audio=False)
     assert len(clip.frames) == 10
     payload = data.index(b"mdat") + 4

@@ -2,10 +2,14 @@
 Reading and writing media with PyAV (FFmpeg, bundled in its wheel) and soundfile: no subprocess, no torchaudio,
 no torchcodec.
 
-- `load_video(path)`: the audio track, resampled to 16 kHz mono, and frames sampled uniformly over the first
-  10 s, as the CAV-MAE reference prepared its data (audio: `ffmpeg -ar 16000` then the first channel; frames:
-  frame `int(i * total / 10)` of `total = min(frame count, 10 s of frames)`, found by timestamp so that variable
-  frame rates work; display-matrix rotation applied).
+- `load_video(path)`: the audio track at 16 kHz and ten frames from the first 10 s, by default exactly as the
+  CAV-MAE reference's preprocessing scripts wrote them before every released checkpoint was trained and evaluated
+  (`src/preprocess/extract_audio.py`: `ffmpeg -ar 16000` to a 16-bit WAV, `sox remix 1`, the first channel;
+  `src/preprocess/extract_video_frame.py`: OpenCV's frame `max(int(i * total / 10) - 1, 0)` in decode order, shorter
+  side to 224 (bilinear), centre crop, a quality-75 JPEG). Options give cleaner alternatives: frames by timestamp,
+  full-size frames without the JPEG, float audio (see `load_video`).
+- `reference_frame_jpeg(frame)`, `reference_frame(frame)`, `read_frame_jpeg(data)`, `wav_bytes(waveform)`: one frame
+  or waveform as the reference's scripts stored it (the 224 x 224 JPEG byte for byte; the 16-bit WAV).
 - `load_audio(path)`: wav/flac/ogg/mp3 (soundfile, with PyAV as fallback) or the audio track of a video.
 - `resample(waveform, orig_rate, target_rate)`: FFmpeg's resampler (libswresample) through PyAV.
 - `write_video`, `write_audio`: small files for tests, demos and synthetic data.
@@ -17,6 +21,7 @@ duration so that the timeline stays right, and one warning per stream gives the 
 decodes, and an mp4 / mov whose cut-off index (`moov` box) hides a stream or the whole file, raise `MediaError`.
 """
 
+import io
 import math
 import numbers
 import struct
@@ -30,11 +35,22 @@ import numpy as np
 from PIL import Image
 
 from .configuration_cav_mae import CavMaeError
+from .feature_extraction_cav_mae import _center_crop_box, _resized_size
 
 DEFAULT_SAMPLING_RATE = 16000
 FRAME_WINDOW_SECONDS = 10.0
 # 1024 fbank frames of 25 ms every 10 ms need 10.255 s: a little more is decoded, nothing beyond.
 DEFAULT_AUDIO_SECONDS = 10.3
+
+# What the reference's extraction scripts wrote: frames at 224 px (the `T.Resize(224)` / `T.CenterCrop(224)` of
+# extract_video_frame.py, whatever the model's image size) as Pillow JPEGs at its default quality.
+REFERENCE_FRAME_SIZE = 224
+REFERENCE_JPEG_QUALITY = 75
+
+# load_video's options; the first of each is the default, the reference's preprocessing.
+FRAME_SELECTIONS = ("decode_order", "timestamp")
+FRAME_TRANSFORMS = ("reference_jpeg", "none")
+AUDIO_PRECISIONS = ("int16", "float32")
 
 
 class MediaError(CavMaeError):
@@ -43,14 +59,18 @@ class MediaError(CavMaeError):
 
 @dataclass
 class VideoClip:
-    """What `load_video` read: mono float32 audio `[N]` at `sampling_rate` (None if not asked for) and RGB frames
-    (PIL images) with their presentation times in seconds."""
+    """What `load_video` read: mono float32 audio `[N]` at `sampling_rate` (None if not asked for); RGB frames (PIL
+    images), with their presentation times in seconds and their numbers in decode order (0: the first frame
+    decoded); with `frame_transform="reference_jpeg"`, also the JPEG file of each frame (`bytes`) that the
+    reference's script would have written, of which `frames` are the decoded images."""
 
     audio: np.ndarray | None
     sampling_rate: int
     frames: list = field(default_factory=list)
     frame_times: list = field(default_factory=list)
     duration: float | None = None
+    frame_numbers: list = field(default_factory=list)
+    frame_jpegs: list = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -169,10 +189,11 @@ def _walk_top_level_boxes(handle, size: int) -> str | None:
 # Audio
 # ----------------------------------------------------------------------------------------------------------------
 class _AudioTrack:
-    """Resampled audio chunks `[channels, n]` as they are decoded, with silence standing in for skipped packets."""
+    """Resampled audio chunks `[channels, n]` as they are decoded, with silence standing in for skipped packets.
+    `sample_format`: FFmpeg's name of the planar format to resample to, `"fltp"` (float32) or `"s16p"` (int16)."""
 
-    def __init__(self, layout, sampling_rate: int):
-        self.resampler = av.AudioResampler(format="fltp", layout=layout, rate=sampling_rate)
+    def __init__(self, layout, sampling_rate: int, sample_format: str = "fltp"):
+        self.resampler = av.AudioResampler(format=sample_format, layout=layout, rate=sampling_rate)
         self.sampling_rate = sampling_rate
         self.chunks, self.collected = [], 0
         self.template = None  # the last decoded frame: the format, layout and rate silence is made in
@@ -228,13 +249,20 @@ def _silence_like(frame, seconds: float):
     return silent
 
 
-def _decode_audio_stream(container, path, sampling_rate: int, max_seconds, channel) -> np.ndarray:
+def _decode_audio_stream(
+    container, path, sampling_rate: int, max_seconds, channel, precision: str = "float32"
+) -> np.ndarray:
     """Mono float32 at `sampling_rate` from the first audio stream, at most `max_seconds` long. Undecodable packets
-    are skipped and replaced by silence of their duration (one warning gives their count)."""
+    are skipped and replaced by silence of their duration (one warning gives their count).
+
+    `precision="int16"` resamples every channel straight to 16-bit samples in one libswresample step, as `ffmpeg -ar
+    16000 clip.wav` does (no dither: FFmpeg's default), and returns them as `int16 / 32768`, the floats that reading
+    that WAV gives; `"float32"` keeps the resampler's float output."""
     if not container.streams.audio:
         raise _missing_stream(path, "audio")
     stream = container.streams.audio[0]
-    track = _AudioTrack(stream.layout.name if stream.layout else None, sampling_rate)
+    sample_format = {"float32": "fltp", "int16": "s16p"}[precision]
+    track = _AudioTrack(stream.layout.name if stream.layout else None, sampling_rate, sample_format)
     limit = None if max_seconds is None else int(math.ceil(max_seconds * sampling_rate))
     try:
         for packet in container.demux(stream):
@@ -271,7 +299,22 @@ def _decode_audio_stream(container, path, sampling_rate: int, max_seconds, chann
         )
     mono = _mono(np.concatenate(track.chunks, axis=1), channel, path)
     mono = mono[:limit] if limit is not None else mono
+    if precision == "int16":
+        return pcm16_to_float(mono)
     return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def pcm16_to_float(samples) -> np.ndarray:
+    """16-bit samples as float32 in [-1, 1): `int16 / 32768`, what soundfile and torchaudio read from a 16-bit WAV.
+    (A mean of several channels, as `channel="mean"` gives, is scaled the same way.)"""
+    return (np.asarray(samples, dtype=np.float32) / np.float32(32768.0)).astype(np.float32, copy=False)
+
+
+def float_to_pcm16(waveform) -> np.ndarray:
+    """float audio to int16 as FFmpeg rounds it (`lrintf(x * 32768)`, clipped to [-32768, 32767]): the inverse of
+    `pcm16_to_float` on the 16-bit grid."""
+    scaled = np.rint(np.asarray(waveform, dtype=np.float64) * 32768.0)
+    return np.clip(scaled, -32768, 32767).astype(np.int16)
 
 
 def load_audio(
@@ -353,13 +396,22 @@ def resample(waveform, orig_rate: int, target_rate: int) -> np.ndarray:
 # Video
 # ----------------------------------------------------------------------------------------------------------------
 def frame_indices(total_frames: int, num_frames: int) -> list[int]:
-    """Uniform sampling as the reference intends it: frame `int(i * total / num_frames)` for i in
-    0..num_frames-1. (Its OpenCV code seeks to that index minus one before reading, so it reads one frame earlier
-    for i > 0, 40 ms at 25 fps; this port takes the intended frame.)"""
-    return [int(i * total_frames / num_frames) for i in range(num_frames)]
+    """The reference's uniform positions over `total_frames`: `frame_idx = int(i * (total / num_frames))` for i in
+    0..num_frames-1, computed as its extract_video_frame.py computes it."""
+    return [int(i * (total_frames / num_frames)) for i in range(num_frames)]
+
+
+def opencv_frame_indices(total_frames: int, num_frames: int) -> list[int]:
+    """The frames the reference's script read, numbered in decode order from 0: for each `frame_idx` it set
+    OpenCV's `CAP_PROP_POS_FRAMES` to `frame_idx - 1` and read one frame, which is frame `frame_idx - 1` (frame 0
+    for i = 0, where the position -1 is the start). So every frame but the first is one before its uniform
+    position."""
+    return [max(index - 1, 0) for index in frame_indices(total_frames, num_frames)]
 
 
 def _video_frame_rate(stream) -> Fraction:
+    """The stream's average frame rate, OpenCV's `CAP_PROP_FPS` (FFmpeg's `avg_frame_rate`); for a stream that
+    declares none, FFmpeg's guessed or base rate (where OpenCV would report 1 / time base)."""
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     if not rate:
         raise MediaError("The video stream declares no frame rate.")
@@ -367,16 +419,17 @@ def _video_frame_rate(stream) -> Fraction:
 
 
 def _frames_in_window(stream, rate: Fraction, container, window_seconds: float) -> int:
-    """`min(frame count, window of frames)`, the count taken from the stream, else from the duration."""
+    """The reference's `total = min(CAP_PROP_FRAME_COUNT, int(fps * window_seconds))`, with OpenCV's frame count: the
+    count the container declares (mp4 / mov: the samples in its index), else (webm, mkv, ...) `floor(duration * fps
+    + 0.5)` with the container's duration (the stream's if the container gives none). Frames are not counted by
+    decoding: the reference never did, and its `min` with 10 s of frames guards against wrong declared counts."""
     window = int(float(rate) * window_seconds)
     count = stream.frames
     if not count:
-        duration = None
-        if stream.duration is not None and stream.time_base is not None:
+        duration = container.duration / av.time_base if container.duration else None
+        if not duration and stream.duration is not None and stream.time_base is not None:
             duration = float(stream.duration * stream.time_base)
-        elif container.duration is not None:
-            duration = container.duration / av.time_base
-        count = int(duration * float(rate)) if duration else window
+        count = math.floor(duration * float(rate) + 0.5) if duration else window
     return max(1, min(count, window))
 
 
@@ -385,28 +438,47 @@ def _to_rgb_image(frame) -> Image.Image:
     rotation = getattr(frame, "rotation", 0) or 0
     if rotation % 360:
         # the display matrix turns counter-clockwise by `rotation` degrees; PIL's rotate is counter-clockwise too
+        # (OpenCV turns frames upright the same way before the reference's script saw them)
         image = image.rotate(rotation, expand=True)
     return image
 
 
-# Packets are read until this many seconds past the last frame wanted (decoders may hold frames back), no further
-# when damaged data keeps that frame from decoding.
+# Packets are read until this many seconds past the last frame wanted by timestamp (decoders may hold frames back),
+# no further when damaged data keeps that frame from decoding.
 _DECODER_DELAY_SECONDS = 2.0
 
 
-def _decode_frames(container, path, num_frames: int, window_seconds: float):
-    """`num_frames` RGB frames by timestamp (robust to variable frame rate); decoding stops after the last one.
-    Undecodable packets are skipped (one warning gives their count): a frame they held is replaced by the next
-    decodable one."""
+def _check_option(name: str, value, choices: tuple) -> str:
+    if value not in choices:
+        raise MediaError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}.")
+    return value
+
+
+def _decode_frames(container, path, num_frames: int, window_seconds: float, selection: str):
+    """`num_frames` upright RGB frames, their times and their decode-order numbers.
+
+    `selection="decode_order"`: frames `opencv_frame_indices(total, num_frames)`, counted as decoded (as the
+    reference's OpenCV seek counts them in a constant-frame-rate file); `"timestamp"`: for each uniform position
+    `frame_idx`, the first frame shown at or after `frame_idx / fps` (less half a frame), so that variable frame
+    rates are sampled uniformly in time. Decoding stops after the last frame wanted. Undecodable packets are skipped
+    (one warning gives their count) and their frames are not counted; frames past the end of a stream shorter than
+    declared repeat the last frame found, as the reference's data loader used the previous frame file when one was
+    missing."""
     if not container.streams.video:
         raise _missing_stream(path, "video")
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
-    rate = _video_frame_rate(stream)
-    total = _frames_in_window(stream, rate, container, window_seconds)
-    targets = [index / float(rate) for index in frame_indices(total, num_frames)]
+    rate = float(_video_frame_rate(stream))
+    total = _frames_in_window(stream, Fraction(rate), container, window_seconds)
+    by_time = selection == "timestamp"
+    if by_time:
+        positions = frame_indices(total, num_frames)
+        targets = [index / rate - 0.5 / rate for index in positions]
+        stop_seconds = positions[-1] / rate + _DECODER_DELAY_SECONDS
+    else:
+        targets = opencv_frame_indices(total, num_frames)
     start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
-    frames, times, last, skipped = [], [], None, 0
+    frames, times, numbers, decoded_count, last, skipped = [], [], [], 0, None, 0
     try:
         for packet in container.demux(stream):
             try:
@@ -415,11 +487,14 @@ def _decode_frames(container, path, num_frames: int, window_seconds: float):
                 skipped, decoded = skipped + 1, []
             for frame in decoded:
                 time = (frame.time if frame.time is not None else 0.0) - start
-                while len(frames) < len(targets) and time >= targets[len(frames)] - 0.5 / float(rate):
+                key = time if by_time else decoded_count
+                while len(frames) < len(targets) and key >= targets[len(frames)]:
                     frames.append(_to_rgb_image(frame))
                     times.append(time)
+                    numbers.append(decoded_count)
+                decoded_count += 1
                 last = frame
-            if len(frames) == len(targets) or _past(packet, start, targets[-1] + _DECODER_DELAY_SECONDS):
+            if len(frames) == len(targets) or (by_time and _past(packet, start, stop_seconds)):
                 break
     except av.error.FFmpegError as error:  # the demuxer itself failed: the container is cut or damaged here
         if last is None:
@@ -433,20 +508,22 @@ def _decode_frames(container, path, num_frames: int, window_seconds: float):
         raise MediaError(f"{path}: the video stream holds no decodable frames.")
     if skipped:
         warnings.warn(
-            f"{path}: {skipped} undecodable video packet(s) skipped (damaged data); a frame sampled there is "
-            "replaced by the next decodable one.",
+            f"{path}: {skipped} undecodable video packet(s) skipped (damaged data); their frames are left out "
+            "(a frame sampled there is replaced by the next decodable one).",
             stacklevel=3,
         )
     if len(frames) < len(targets):
+        wanted = f"the frame at {targets[len(frames)] + 0.5 / rate:.2f} s" if by_time else f"frame {targets[len(frames)]}"
         warnings.warn(
-            f"{path}: the video stream ended at {(last.time or 0.0) - start:.2f} s, before the frame at "
-            f"{targets[len(frames)]:.2f} s (truncated file or wrong header); its last frame is repeated.",
+            f"{path}: the video stream ended at {(last.time or 0.0) - start:.2f} s after {decoded_count} frames, "
+            f"before {wanted} (truncated file or wrong header); the last frame found is repeated.",
             stacklevel=3,
         )
     while len(frames) < len(targets):
-        frames.append(_to_rgb_image(last))
-        times.append((last.time or 0.0) - start)
-    return frames, times
+        frames.append(frames[-1])
+        times.append(times[-1])
+        numbers.append(numbers[-1])
+    return frames, times, numbers
 
 
 def _past(packet, start: float, seconds: float) -> bool:
@@ -465,9 +542,15 @@ def load_video(
     audio_seconds=DEFAULT_AUDIO_SECONDS,
     frame_window_seconds: float = FRAME_WINDOW_SECONDS,
     channel=0,
+    frame_selection: str = "decode_order",
+    frame_transform: str = "reference_jpeg",
+    audio_precision: str = "int16",
 ) -> VideoClip:
     """
-    Read a video (mp4, webm, mkv, avi, ...) the way the CAV-MAE reference prepared its data.
+    Read a video (mp4, webm, mkv, avi, ...). By default the result is what the CAV-MAE reference's preprocessing
+    scripts wrote for the file, the data every released checkpoint was trained and evaluated on: the feature
+    extractor then gives the same `input_features` and `pixel_values` as the reference's data loader on those files
+    (pixels bit for bit; the fbank up to the 1-LSB differences left by another FFmpeg version's AAC decoder).
 
     Args:
         num_frames: frames sampled uniformly over the first `frame_window_seconds` (or the whole video if shorter).
@@ -475,23 +558,103 @@ def load_video(
         load_audio / load_frames: skip a modality (its absence is then no error).
         audio_seconds: how much audio to decode (default: what the model's 1024 fbank frames use; None: all).
         channel: audio channel to keep (0, the reference's choice) or `"mean"`.
+        frame_selection: `"decode_order"` (default): frame `max(int(i * total / num_frames) - 1, 0)` counted in
+            decode order, `total = min(frame count, int(fps * 10))` with OpenCV's frame count and fps (see
+            `opencv_frame_indices`), the frames the reference's OpenCV seek read in a constant-frame-rate file.
+            `"timestamp"`: the frame shown at `int(i * total / num_frames) / fps`, uniform in time also when the
+            frame rate varies (phone videos, screen recordings), and not one frame early.
+        frame_transform: `"reference_jpeg"` (default): each frame as `reference_frame` makes it, 224 x 224 after a
+            bilinear resize, a centre crop and a quality-75 JPEG round trip (`VideoClip.frame_jpegs` holds the
+            JPEGs). `"none"`: the full decoded frame, upright, for the feature extractor to resize once (bicubic).
+        audio_precision: `"int16"` (default): resampled straight to 16-bit samples, as the reference's WAV; then
+            `int16 / 32768`. `"float32"`: the resampler's float output, without the 16-bit rounding.
     Raises:
-        MediaError: missing / empty / unreadable file, or no audio (video) stream when audio (frames) are asked for.
+        MediaError: missing / empty / unreadable file, no audio (video) stream when audio (frames) are asked for, or
+            an option that does not exist.
     """
     if num_frames < 1 and load_frames:
         raise MediaError(f"num_frames must be at least 1, got {num_frames}.")
     sampling_rate = _checked_rate("sampling_rate", sampling_rate)
+    _check_option("frame_selection", frame_selection, FRAME_SELECTIONS)
+    _check_option("frame_transform", frame_transform, FRAME_TRANSFORMS)
+    _check_option("audio_precision", audio_precision, AUDIO_PRECISIONS)
     path = Path(path)
-    audio, frames, times, duration = None, [], [], None
+    clip = VideoClip(audio=None, sampling_rate=sampling_rate)
     with _open(path) as container:
         if container.duration is not None:
-            duration = container.duration / av.time_base
+            clip.duration = container.duration / av.time_base
         if load_frames:
-            frames, times = _decode_frames(container, path, num_frames, frame_window_seconds)
+            clip.frames, clip.frame_times, clip.frame_numbers = _decode_frames(
+                container, path, num_frames, frame_window_seconds, frame_selection
+            )
+    if load_frames and frame_transform == "reference_jpeg":
+        clip.frame_jpegs = [reference_frame_jpeg(frame) for frame in clip.frames]
+        clip.frames = [read_frame_jpeg(data) for data in clip.frame_jpegs]
     if load_audio:
         with _open(path) as container:  # a fresh demuxer: the audio is read from the start, whatever was decoded
-            audio = _decode_audio_stream(container, path, sampling_rate, audio_seconds, channel)
-    return VideoClip(audio=audio, sampling_rate=sampling_rate, frames=frames, frame_times=times, duration=duration)
+            clip.audio = _decode_audio_stream(
+                container, path, sampling_rate, audio_seconds, channel, precision=audio_precision
+            )
+    return clip
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Frames and audio as the reference stored them
+# ----------------------------------------------------------------------------------------------------------------
+def reference_frame_crop(frame: Image.Image, size: int = REFERENCE_FRAME_SIZE) -> Image.Image:
+    """A decoded RGB frame as extract_video_frame.py transformed it before saving: torchvision's `Resize(size)` on
+    a PIL image (the shorter side to `size`, the longer one truncated as torchvision computes it, Pillow's bilinear
+    resize, which antialiases when shrinking), then `CenterCrop(size)` with its rounding of the offsets."""
+    if frame.mode != "RGB":
+        frame = frame.convert("RGB")
+    resized = frame.resize(_resized_size(*frame.size, size), Image.BILINEAR)
+    return resized.crop(_center_crop_box(*resized.size, size))
+
+
+def reference_frame_jpeg(frame: Image.Image, size: int = REFERENCE_FRAME_SIZE) -> bytes:
+    """The JPEG file extract_video_frame.py wrote for a decoded RGB frame, byte for byte: `reference_frame_crop`,
+    then `torchvision.utils.save_image` of its `ToTensor` (`x / 255`): that function's `x * 255 + 0.5` rounding to
+    uint8 returns every 8-bit value unchanged, so the crop itself is saved, by Pillow at its default quality 75
+    (4:2:0 chroma)."""
+    buffer = io.BytesIO()
+    reference_frame_crop(frame, size).save(buffer, format="JPEG", quality=REFERENCE_JPEG_QUALITY)
+    return buffer.getvalue()
+
+
+def read_frame_jpeg(source) -> Image.Image:
+    """A frame JPEG (`bytes`, a path or a binary file) decoded to an RGB PIL image, as the reference's data loader
+    opened its frame files."""
+    handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
+    try:
+        with Image.open(handle) as image:
+            return image.convert("RGB")
+    except OSError as error:
+        raise MediaError(f"{_source_name(source)} is not a readable JPEG ({_describe(error)}).") from None
+
+
+def _source_name(source) -> str:
+    return f"a {len(source)}-byte frame" if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
+
+
+def reference_frame(frame: Image.Image, size: int = REFERENCE_FRAME_SIZE) -> Image.Image:
+    """A decoded RGB frame as the reference's models saw it: the image its data loader read back from the JPEG
+    that extract_video_frame.py wrote (`read_frame_jpeg(reference_frame_jpeg(frame))`), 224 x 224."""
+    return read_frame_jpeg(reference_frame_jpeg(frame, size))
+
+
+def wav_bytes(waveform, sampling_rate: int = DEFAULT_SAMPLING_RATE) -> bytes:
+    """A mono 16-bit PCM WAV file in memory, as extract_audio.py wrote it: samples rounded with `float_to_pcm16`
+    (a waveform `load_video` returned with `audio_precision="int16"` is already on that grid and is stored
+    exactly; reading the file back gives it unchanged)."""
+    import soundfile
+
+    sampling_rate = _checked_rate("sampling_rate", sampling_rate)
+    samples = np.asarray(waveform)
+    if samples.ndim != 1:
+        raise MediaError(f"wav_bytes takes mono [samples] audio, got shape {samples.shape}.")
+    buffer = io.BytesIO()
+    soundfile.write(buffer, float_to_pcm16(samples), sampling_rate, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
 
 
 def load_frames_folder(folder, video_id: str, num_frames: int = 10, extension: str = "jpg") -> list[Image.Image]:
@@ -653,14 +816,27 @@ def is_media_file(path) -> bool:
 __all__ = [
     "MediaError",
     "VideoClip",
+    "AUDIO_PRECISIONS",
+    "FRAME_SELECTIONS",
+    "FRAME_TRANSFORMS",
+    "REFERENCE_FRAME_SIZE",
+    "REFERENCE_JPEG_QUALITY",
+    "float_to_pcm16",
     "frame_indices",
     "index_damage",
     "is_media_file",
     "load_audio",
     "load_frames_folder",
     "load_video",
+    "opencv_frame_indices",
+    "pcm16_to_float",
     "probe_streams",
+    "read_frame_jpeg",
+    "reference_frame",
+    "reference_frame_crop",
+    "reference_frame_jpeg",
     "resample",
+    "wav_bytes",
     "write_audio",
     "write_video",
 ]

@@ -86,6 +86,7 @@ def load_clip(
     num_frames: int = DEFAULT_NUM_FRAMES,
     sampling_rate: int = media.DEFAULT_SAMPLING_RATE,
     audio_seconds: float | None = media.DEFAULT_AUDIO_SECONDS,
+    video_options: dict | None = None,
 ) -> Clip:
     """
     Decode what a pipeline was given into a [`Clip`]:
@@ -101,7 +102,8 @@ def load_clip(
     Files are decoded only as far as needed: `audio_seconds` of audio (None: all of it) and the frames sampled from
     the first 10 s, so a long file costs no more than a short one. Integer PCM in a dict is scaled to [-1, 1] and
     `[samples, channels]` audio is turned to `[channels, samples]` before resampling, as the feature extractor reads
-    them.
+    them. `video_options` go to [`cavmae_hf.media.load_video`] for video files (`frame_selection`,
+    `frame_transform`, `audio_precision`; by default a video is read as the reference's preprocessing read it).
 
     Raises:
         MediaError: unreadable, missing or empty files.
@@ -110,7 +112,7 @@ def load_clip(
     if isinstance(source, Clip):
         clip = source
     elif isinstance(source, (str, os.PathLike)):
-        return _load_path(Path(source), num_frames, sampling_rate, audio_seconds)
+        return _load_path(Path(source), num_frames, sampling_rate, audio_seconds, video_options)
     elif isinstance(source, dict):
         clip = _clip_from_dict(source)
     else:
@@ -153,7 +155,7 @@ def _channels_first(audio: np.ndarray) -> np.ndarray:
     return audio
 
 
-def _load_path(path: Path, num_frames: int, sampling_rate: int, audio_seconds) -> Clip:
+def _load_path(path: Path, num_frames: int, sampling_rate: int, audio_seconds, video_options=None) -> Clip:
     _check_file(path)
     suffix = path.suffix.lower()
     if suffix in IMAGE_EXTENSIONS:
@@ -168,7 +170,12 @@ def _load_path(path: Path, num_frames: int, sampling_rate: int, audio_seconds) -
     if not has_audio:
         logger.warning(f"{path} has no audio stream: only its frames are used.")
     video = media.load_video(
-        path, num_frames=num_frames, sampling_rate=sampling_rate, load_audio=has_audio, audio_seconds=audio_seconds
+        path,
+        num_frames=num_frames,
+        sampling_rate=sampling_rate,
+        load_audio=has_audio,
+        audio_seconds=audio_seconds,
+        **(video_options or {}),
     )
     return Clip(audio=video.audio, sampling_rate=video.sampling_rate, frames=list(video.frames), source=str(path))
 
