@@ -96,9 +96,9 @@ def test_single_frame_axis_equals_plain_frame():
 
 
 def count_rows_through(module: torch.nn.Module) -> list[int]:
-    """Batch sizes of every call of `module`, recorded by a forward hook."""
+    """Clips (batch sizes of the packed streams) of every call of a layer, recorded by a forward hook."""
     rows = []
-    module.register_forward_hook(lambda _module, args, _output: rows.append(args[0].shape[0]))
+    module.register_forward_hook(lambda _module, args, _output: rows.append(sum(s.batch_size for s in args[1])))
     return rows
 
 

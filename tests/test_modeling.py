@@ -14,6 +14,7 @@ from cavmae_hf import (
 )
 from cavmae_hf.configuration_cav_mae import CavMaeConfigError
 from cavmae_hf.modeling_cav_mae import (
+    pack,
     CavMaeInputError,
     mask_tokens,
     patchify,
@@ -186,12 +187,11 @@ def test_several_shared_layers_are_chained_for_every_stream():
     audio, images = make_inputs(config)
     with torch.no_grad():
         out = model(audio, images)
-        tokens = model.embed("audio", audio)
-        for layer in model.audio_layers:
-            tokens, _ = layer(tokens, "audio")
-        for layer in model.shared_layers:
-            tokens, _ = layer(tokens, "audio")
-        expected = model.final_layernorm["audio"](tokens)
+        tokens = model.embeddings.embed("audio", audio)
+        rows, segments = pack([(tokens, "audio")])
+        for layer in [*model.audio_layers, *model.shared_layers]:
+            rows, _ = layer(rows, segments)
+        expected = model.final_layernorm["audio"](rows.view_as(tokens))
     assert torch.allclose(out.audio_last_hidden_state, expected, atol=1e-6)
 
 
@@ -284,13 +284,24 @@ def test_model_outputs_and_hidden_states(tiny_config):
     assert out.audio_last_hidden_state.shape == (2, na, d) and out.visual_last_hidden_state.shape == (2, nv, d)
     assert torch.allclose(out.audio_embeds, out.audio_last_hidden_state.mean(1))
     assert torch.allclose(out.pooler_output, out.last_hidden_state.mean(1))
-    assert len(out.audio_hidden_states) == 1 + tiny_config.num_hidden_layers
-    assert len(out.hidden_states) == 1 + tiny_config.num_shared_layers
+    for hidden in (out.hidden_states, out.audio_hidden_states, out.visual_hidden_states):
+        assert len(hidden) == 1 + tiny_config.num_hidden_layers
+    assert len(out.attentions) == len(out.audio_attentions) == tiny_config.num_hidden_layers
     assert out.attentions[0].shape == (2, tiny_config.num_attention_heads, na + nv, na + nv)
     assert torch.allclose(out.audio_attentions[0].sum(-1), torch.ones(1))
+    # the joint stream before the shared layers: the modality streams side by side, attention block-diagonal
+    assert torch.equal(out.hidden_states[1], torch.cat([out.audio_hidden_states[1], out.visual_hidden_states[1]], 1))
+    assert torch.equal(out.attentions[0][:, :, :na, :na], out.audio_attentions[0])
+    assert torch.equal(out.attentions[0][:, :, na:, na:], out.visual_attentions[0])
+    assert not out.attentions[0][:, :, :na, na:].any()
     with torch.no_grad():
-        assert torch.allclose(model.get_audio_features(audio), out.audio_embeds, atol=1e-6)
-        assert torch.allclose(model.get_image_features(images), out.visual_embeds, atol=1e-6)
+        audio_features = model.get_audio_features(audio, output_hidden_states=True)
+        assert torch.allclose(audio_features.pooler_output, out.audio_embeds, atol=1e-6)
+        assert torch.allclose(audio_features.last_hidden_state, out.audio_last_hidden_state, atol=1e-6)
+        assert len(audio_features.hidden_states) == 1 + tiny_config.num_hidden_layers
+        assert torch.allclose(model.get_image_features(images).pooler_output, out.visual_embeds, atol=1e-6)
+        tokens, pooled = model.get_image_features(images, return_dict=False)
+        assert torch.allclose(pooled, out.visual_embeds, atol=1e-6) and tokens.shape == (2, nv, d)
         audio_only = model(input_features=audio)
     assert audio_only.last_hidden_state is None and audio_only.visual_embeds is None
     assert torch.allclose(audio_only.audio_embeds, out.audio_embeds, atol=1e-6)
@@ -321,8 +332,14 @@ def test_model_rejects_nan_and_missing_inputs(tiny_config):
         model(audio, images)
     with pytest.raises(CavMaeInputError, match="at least one"):
         model()
-    with pytest.raises(CavMaeInputError, match="frame axis"):
-        model(pixel_values=torch.zeros(1, 2, 3, 32, 32))
+    with pytest.raises(CavMaeInputError, match="one frame per clip"):
+        model(pixel_values=torch.zeros(1, 2, 3, 32, 32), apply_masking=True)
+    with pytest.raises(CavMaeInputError, match="one frame per clip"):
+        CavMaeForPreTraining(tiny_config)(audio.nan_to_num(), torch.zeros(1, 2, 3, 32, 32))
+    with pytest.raises(CavMaeInputError, match="streams"):
+        model(audio.nan_to_num(), streams=("audio", "sideways"))
+    with pytest.raises(CavMaeInputError, match="pixel_values"):
+        model(audio.nan_to_num(), streams=("visual",))
 
 
 # Classification ---------------------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ def test_trust_remote_code_loading_without_the_package(tmp_path, tiny_config):
     audio = torch.randn(1, tiny_config.audio_length, tiny_config.num_mel_bins)
     torch.save(audio, tmp_path / "audio.pt")
     with torch.no_grad():
-        expected = model.get_audio_features(audio)
+        expected = model.get_audio_features(audio).pooler_output
     script = f"""
 import sys, torch
 sys.modules["cavmae_hf"] = None  # the package must not be importable in this process
@@ -61,7 +61,7 @@ from transformers import AutoModel
 model = AutoModel.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
 assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
 with torch.no_grad():
-    features = model.get_audio_features(torch.load({str(tmp_path / 'audio.pt')!r}))
+    features = model.get_audio_features(torch.load({str(tmp_path / 'audio.pt')!r})).pooler_output
 torch.save(features, {str(tmp_path / 'features.pt')!r})
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)

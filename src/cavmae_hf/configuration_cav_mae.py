@@ -82,6 +82,8 @@ class CavMaeConfig(PretrainedConfig):
     """
 
     model_type = "cav_mae"
+    # per-frame scores are not part of what `Trainer` gathers as predictions (its `compute_metrics` gets the logits)
+    keys_to_ignore_at_inference = ["frame_logits"]
 
     def __init__(
         self,
@@ -151,6 +153,24 @@ class CavMaeConfig(PretrainedConfig):
         self.classification_mode = classification_mode
         super().__init__(**kwargs)
         self.validate_cav_mae()
+
+    # Pipelines as remote code ---------------------------------------------------------------------------------
+    @property
+    def custom_pipelines(self) -> dict:
+        """
+        The checkpoint's pipelines for `transformers.pipeline(task, model=dir, trust_remote_code=True)` where cavmae-hf
+        is not installed. Empty once `import cavmae_hf` has registered the same tasks, so that the installed
+        pipelines serve without `trust_remote_code` (transformers asks for it whenever a config names custom
+        pipelines). Saved with the config either way.
+        """
+        saved = self.__dict__.get("custom_pipelines") or {}
+        if saved and _tasks_registered(saved):
+            return {}
+        return saved
+
+    @custom_pipelines.setter
+    def custom_pipelines(self, value):
+        self.__dict__["custom_pipelines"] = value
 
     # Derived sizes -------------------------------------------------------------------------------------------
     @property
@@ -226,6 +246,13 @@ class CavMaeConfig(PretrainedConfig):
             self.mae_loss_weight >= 0 and self.contrastive_loss_weight >= 0,
             "mae_loss_weight and contrastive_loss_weight must be >= 0",
         )
+
+
+def _tasks_registered(tasks) -> bool:
+    import sys
+
+    registry = getattr(sys.modules.get("transformers.pipelines"), "PIPELINE_REGISTRY", None)
+    return registry is not None and all(task in registry.get_supported_tasks() for task in tasks)
 
 
 def _require(condition: bool, message: str):

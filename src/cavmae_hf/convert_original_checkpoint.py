@@ -359,7 +359,7 @@ def convert_state_dict(original: dict, config: CavMaeConfig, model_class=None, p
     if problems:
         raise CheckpointConversionError("Cannot convert the checkpoint:\n- " + "\n- ".join(problems))
     model.load_state_dict(mapping.state_dict, strict=not partial)
-    model._freeze_position_embeddings()
+    model.freeze_parameters()
     return model.eval(), mapping
 
 

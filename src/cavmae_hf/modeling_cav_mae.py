@@ -1,8 +1,7 @@
 """PyTorch CAV-MAE: Contrastive Audio-Visual Masked Autoencoder (Gong et al., ICLR 2023)."""
 
 import math
-import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -11,14 +10,18 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
+from transformers.utils.generic import can_return_tuple
 
+from .kernels_cav_mae import gelu_linear, layer_norm_linear, linear_layer
 from .configuration_cav_mae import CavMaeConfig, CavMaeError
 
 logger = logging.get_logger(__name__)
 
 AUDIO, VISUAL, JOINT = "audio", "visual", "joint"
+STREAMS = (AUDIO, VISUAL, JOINT)
 
 REMOTE_CODE_AUTO_MAP = {
     "AutoConfig": "configuration_cav_mae.CavMaeConfig",
@@ -26,6 +29,11 @@ REMOTE_CODE_AUTO_MAP = {
     "AutoModelForPreTraining": "modeling_cav_mae.CavMaeForPreTraining",
     "AutoModelForAudioClassification": "modeling_cav_mae.CavMaeForAudioVisualClassification",
 }
+
+# Why Transformers' output capturing (`_can_record_outputs` with forward hooks) is not used: the shared layers run the
+# audio, visual and joint streams packed into one matrix of rows (see `CavMaeLayer`), so a hook on a layer sees the
+# rows of all three streams at once. The encoder collects each stream's hidden states and attention weights itself
+# (`_StreamTrace`), and `can_return_tuple` gives the tuple outputs.
 
 
 def _can_inspect_values() -> bool:
@@ -44,25 +52,33 @@ class CavMaeInputError(CavMaeError):
 @dataclass
 class CavMaeModelOutput(ModelOutput):
     r"""
-    Outputs of [`CavMaeModel`]. With B the batch, Na / Nv the audio / visual patches and D the hidden size:
+    Outputs of [`CavMaeModel`]. With B the batch, F the frames per clip (when `pixel_values` has a frame axis, the
+    visual and joint entries carry it after the batch axis), Na / Nv the audio / visual tokens (the kept ones when
+    masking) and D the hidden size:
 
-    last_hidden_state (`torch.FloatTensor` of shape `(B, Na + Nv, D)`):
-        Joint stream (audio then visual tokens through the shared layers with their joint LayerNorms, then the
-        joint final LayerNorm). `None` unless both modalities are given.
+    last_hidden_state (`torch.FloatTensor` of shape `(B, [F,] Na + Nv, D)`):
+        Joint stream: audio then visual tokens through the shared layers with their joint LayerNorms, then the
+        joint final LayerNorm. Computed when both modalities are given (or when `streams` asks for it; with one
+        modality it holds that modality's tokens).
     audio_last_hidden_state (`torch.FloatTensor` of shape `(B, Na, D)`):
         Audio stream after the shared layers with their audio LayerNorms, then `norm_a`.
-    visual_last_hidden_state (`torch.FloatTensor` of shape `(B, Nv, D)`):
+    visual_last_hidden_state (`torch.FloatTensor` of shape `(B, [F,] Nv, D)`):
         Visual stream after the shared layers with their visual LayerNorms, then `norm_v`.
-    pooler_output (`torch.FloatTensor` of shape `(B, D)`): mean of `last_hidden_state` over tokens.
+    pooler_output (`torch.FloatTensor` of shape `(B, [F,] D)`): mean of `last_hidden_state` over tokens.
     audio_embeds (`torch.FloatTensor` of shape `(B, D)`): mean of `audio_last_hidden_state` over tokens.
-    visual_embeds (`torch.FloatTensor` of shape `(B, D)`): mean of `visual_last_hidden_state` over tokens.
+    visual_embeds (`torch.FloatTensor` of shape `(B, [F,] D)`): mean of `visual_last_hidden_state` over tokens.
     hidden_states, audio_hidden_states, visual_hidden_states (`tuple(torch.FloatTensor)`):
-        With `output_hidden_states=True`: the input of each stream's first layer and the output of every layer.
-        The audio and visual streams run their modality-specific layers then the shared layers; the joint stream
-        starts from the concatenated outputs of the modality-specific layers.
+        With `output_hidden_states=True`, for each stream: its embeddings and the output of every layer on its way
+        (modality-specific layers, then shared layers): `num_hidden_layers + 1` tensors. The joint stream's entries
+        before the shared layers are the audio and visual tokens side by side.
     attentions, audio_attentions, visual_attentions (`tuple(torch.FloatTensor)`):
-        With `output_attentions=True` and eager attention: attention weights of each layer of each stream,
-        `(B, heads, N, N)`.
+        With `output_attentions=True` (eager attention is used then): the attention weights of every layer on each
+        stream's way, `(B, [F,] heads, N, N)`. In the joint stream the modality-specific layers attend within each
+        modality, so their weights are block-diagonal.
+    audio_mask, visual_mask (`torch.FloatTensor` of shape `(B, all audio / visual patches)`):
+        When masking: 1 for removed patches, in patch order.
+    audio_ids_restore, visual_ids_restore (`torch.LongTensor` of the same shapes):
+        When masking: the permutation that puts the shuffled (kept then removed) tokens back in patch order.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -77,6 +93,10 @@ class CavMaeModelOutput(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
     audio_attentions: tuple[torch.FloatTensor, ...] | None = None
     visual_attentions: tuple[torch.FloatTensor, ...] | None = None
+    audio_mask: torch.FloatTensor | None = None
+    visual_mask: torch.FloatTensor | None = None
+    audio_ids_restore: torch.LongTensor | None = None
+    visual_ids_restore: torch.LongTensor | None = None
 
 
 @dataclass
@@ -100,6 +120,8 @@ class CavMaeForPreTrainingOutput(ModelOutput):
         kept tokens (the decoder's input). `None` when the decoder is not run.
     audio_embeds, visual_embeds (`torch.FloatTensor` of shape `(B, D)`): pooled masked modality streams used by
         the contrastive loss. `None` when the contrastive loss is not computed.
+    hidden_states, attentions (`tuple(torch.FloatTensor)`): with `output_hidden_states` / `output_attentions`, those
+        of the encoder's joint stream of kept tokens (see [`CavMaeModelOutput`]).
     """
 
     loss: torch.FloatTensor | None = None
@@ -117,6 +139,8 @@ class CavMaeForPreTrainingOutput(ModelOutput):
     last_hidden_state: torch.FloatTensor | None = None
     audio_embeds: torch.FloatTensor | None = None
     visual_embeds: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -128,15 +152,17 @@ class CavMaeClassifierOutput(ModelOutput):
     logits (`torch.FloatTensor` of shape `(B, num_labels)`): class scores. With several frames per clip these are
         the aggregated scores: the per-frame probabilities (softmax, or sigmoid for multi-label) are averaged and
         mapped back to logits, so that `softmax(logits)` / `sigmoid(logits)` is the frame-averaged probability.
-    frame_logits (`torch.FloatTensor` of shape `(B, F, num_labels)`): per-frame scores, when
-        `pixel_values` has a frame axis.
-    pooled_output (`torch.FloatTensor` of shape `(B, D)` or `(B, F, D)`): what the head classified.
+    frame_logits (`torch.FloatTensor` of shape `(B, F, num_labels)`): per-frame scores, when `pixel_values` has a
+        frame axis. Left out of `Trainer`'s predictions (`config.keys_to_ignore_at_inference`).
+    hidden_states, attentions (`tuple(torch.FloatTensor)`): with `output_hidden_states` / `output_attentions`, those
+        of the stream the head classifies (see [`CavMaeModelOutput`]).
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     frame_logits: torch.FloatTensor | None = None
-    pooled_output: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -174,19 +200,23 @@ def mask_tokens(tokens: torch.Tensor, mask_ratio: float, noise: torch.Tensor):
         kept `[B, N_keep, D]` (in ascending-noise order), mask `[B, N]` (1 = removed, in patch order),
         ids_restore `[B, N]` (argsort of the shuffle: gathers the shuffled sequence back into patch order).
     """
-    kept, mask, ids_restore, _ = _mask_tokens(tokens, mask_ratio, noise)
+    dim = tokens.shape[-1]
+    num_kept = num_kept_tokens(tokens.shape[1], mask_ratio)
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    kept = torch.gather(tokens, 1, ids_shuffle[:, :num_kept].unsqueeze(-1).expand(-1, -1, dim))
+    mask = (ids_restore >= num_kept).to(tokens.dtype)
     return kept, mask, ids_restore
 
 
-def _mask_tokens(tokens: torch.Tensor, mask_ratio: float, noise: torch.Tensor):
-    """[`mask_tokens`], also returning the removed patches' indices `[B, N - N_keep]` (for the loss)."""
-    batch_size, length, dim = tokens.shape
-    num_keep = int(length * (1 - mask_ratio))
-    ids_shuffle = torch.argsort(noise, dim=1)
-    ids_restore = torch.argsort(ids_shuffle, dim=1)
-    kept = torch.gather(tokens, 1, ids_shuffle[:, :num_keep].unsqueeze(-1).expand(-1, -1, dim))
-    mask = (ids_restore >= num_keep).to(tokens.dtype)
-    return kept, mask, ids_restore, ids_shuffle[:, num_keep:]
+def num_kept_tokens(length: int, mask_ratio: float) -> int:
+    return int(length * (1 - mask_ratio))
+
+
+def removed_patch_ids(ids_restore: torch.Tensor, num_kept: int) -> torch.Tensor:
+    """The indices `[B, N - num_kept]` of the removed patches, from a masking's `ids_restore` (its inverse is the
+    shuffle: kept tokens first)."""
+    return torch.argsort(ids_restore, dim=1)[:, num_kept:]
 
 
 def structured_audio_noise(
@@ -366,12 +396,37 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
+@dataclass(frozen=True)
+class Segment:
+    """`batch_size * length` consecutive rows of a packed matrix that belong to one stream `[batch_size, length, D]`."""
+
+    stream: str
+    batch_size: int
+    length: int
+
+    @property
+    def rows(self) -> int:
+        return self.batch_size * self.length
+
+
+def pack(streams: Sequence[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, tuple[Segment, ...]]:
+    """`[(tokens [B, N, D], stream name), ...]` -> (rows `[sum of B * N, D]`, their segments)."""
+    segments = tuple(Segment(name, tokens.shape[0], tokens.shape[1]) for tokens, name in streams)
+    if len(streams) == 1:
+        return streams[0][0].reshape(-1, streams[0][0].shape[-1]), segments
+    return torch.cat([tokens.reshape(-1, tokens.shape[-1]) for tokens, _ in streams]), segments
+
+
+def unpack(rows: torch.Tensor, segments: Sequence[Segment]) -> list[torch.Tensor]:
+    """Inverse of [`pack`]: each segment's `[batch_size, length, D]` (views of `rows`)."""
+    pieces = rows.split([segment.rows for segment in segments])
+    return [piece.view(segment.batch_size, segment.length, -1) for piece, segment in zip(pieces, segments)]
+
+
 class CavMaeAttention(nn.Module):
     """
-    Multi-head self-attention with a fused query/key/value projection (the checkpoints' layout).
-
-    Takes one stream `[B, N, D]`, or several streams packed as rows `[R, D]` (see [`CavMaeLayer`]): the projections
-    then run once over all rows, and attention within each stream.
+    Multi-head self-attention with a fused query/key/value projection (the checkpoints' layout), over packed rows:
+    the projections run once over the rows of every segment, attention within each segment.
     """
 
     def __init__(self, config: CavMaeConfig, hidden_size: int, num_heads: int):
@@ -384,25 +439,18 @@ class CavMaeAttention(nn.Module):
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=config.qkv_bias)
         self.proj = nn.Linear(hidden_size, hidden_size)
 
-    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False, segments=None):
+    def forward(self, qkv: torch.Tensor, segments: Sequence[Segment], output_attentions: bool = False):
         """
-        `[B, N, D]` -> (`[B, N, D]`, attention weights `[B, heads, N, N]` or None). With `segments`, `hidden_states`
-        are packed rows `[R, D]` and the result is (`[R, D]`, a tuple of each stream's weights or None).
+        Projected rows `qkv` `[R, 3 * D]` -> (`[R, D]`, a tuple of each segment's attention weights
+        `[batch_size, heads, length, length]` or None).
         """
-        qkv = _apply_linear(self.qkv, hidden_states)
-        if segments is None:
-            return self.attend_projected(qkv, output_attentions)
         outputs, weights = [], []
-        for piece, (_, batch_size, length) in zip(qkv.split(_segment_rows(segments)), segments):
-            attn_output, attn_weights = self._attend(piece.view(batch_size, length, -1), output_attentions)
-            outputs.append(attn_output.reshape(batch_size * length, -1))
+        for piece, segment in zip(unpack(qkv, segments), segments):
+            attn_output, attn_weights = self._attend(piece, output_attentions)
+            outputs.append(attn_output.reshape(segment.rows, -1))
             weights.append(attn_weights)
-        return _apply_linear(self.proj, torch.cat(outputs)), (tuple(weights) if output_attentions else None)
-
-    def attend_projected(self, qkv: torch.Tensor, output_attentions: bool = False):
-        """The attention after the query/key/value projection: `[B, N, 3 * D]` -> (`[B, N, D]`, weights or None)."""
-        attn_output, attn_weights = self._attend(qkv, output_attentions)
-        return _apply_linear(self.proj, attn_output), attn_weights
+        attn_output = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        return linear_layer(self.proj, attn_output), (tuple(weights) if output_attentions else None)
 
     def _attend(self, qkv: torch.Tensor, output_attentions: bool):
         """`[B, N, 3 * D]` projections -> attention output `[B, N, D]` (query, key and value stay views of `qkv`)."""
@@ -423,262 +471,32 @@ class CavMaeAttention(nn.Module):
         return attn_output.reshape(batch_size, length, -1), attn_weights
 
 
-# Matrix products on CPU ---------------------------------------------------------------------------------------------
-# PyTorch runs float32 matmuls on CPU through MKL, whose kernels on non-Intel x86 CPUs (e.g. AMD EPYC) use AVX2 even
-# where AVX-512 is available; oneDNN, PyTorch's other CPU backend, uses AVX-512 there, which doubles the throughput
-# of the model's linear layers (measured on an AMD EPYC: ~210 vs ~440 GFLOP/s on 2 cores). The products stay IEEE
-# float32 (only the summation order differs, ~1e-6 relative). So on CPU in float32 (without autocast) the linear
-# layers' forward and both backward products go through oneDNN. Set `ONEDNN_CPU_LINEAR = False` on this module (or
-# the environment variable `CAVMAE_ONEDNN_LINEAR=0` before import) to use PyTorch's default instead.
-ONEDNN_CPU_LINEAR = os.environ.get("CAVMAE_ONEDNN_LINEAR", "1") != "0"
-
-
-def _find_onednn_linear():
-    try:
-        return torch.ops.mkldnn._linear_pointwise.default
-    except (AttributeError, RuntimeError):  # PyTorch built without oneDNN
-        return None
-
-
-_ONEDNN_LINEAR = _find_onednn_linear()
-
-
-def _onednn_applicable(*tensors) -> bool:
-    """Whether the products of these tensors (`None` ignored) can run through oneDNN's float32 kernels."""
-    # Under torch.compile the compiler chooses the kernels (inductor does not lower this op with plain weights).
-    if not ONEDNN_CPU_LINEAR or _ONEDNN_LINEAR is None or torch.compiler.is_compiling():
-        return False
-    if torch.is_autocast_enabled("cpu"):
-        return False
-    return all(
-        tensor is None
-        or (type(tensor) in (torch.Tensor, nn.Parameter) and tensor.device.type == "cpu" and tensor.dtype == torch.float32)
-        for tensor in tensors
-    )
-
-
-def _linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`linear(inputs, weight, bias)` without autograd (inside the functions below, or without gradients)."""
-    if _onednn_applicable(inputs, weight, bias):
-        return _ONEDNN_LINEAR(inputs, weight, bias, "none", [], "")
-    return nn.functional.linear(inputs, weight, bias)
-
-
-def _grad_input_product(grad_rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`grad_rows [M, N] @ weight [N, K]`: the input gradient of a linear layer."""
-    if _onednn_applicable(grad_rows, weight):
-        return _ONEDNN_LINEAR(grad_rows, weight.t(), None, "none", [], "")
-    return grad_rows.mm(weight)
-
-
-def _grad_weight_product(grad_rows: torch.Tensor, input_rows: torch.Tensor) -> torch.Tensor:
-    """`grad_rows.T [N, M] @ input_rows [M, K]`: the weight gradient of a linear layer."""
-    if _onednn_applicable(grad_rows, input_rows):
-        # oneDNN's linear contracts the last dimension of both operands, so one of them is transposed into a copy:
-        # the gradient [M, N], or the input [M, K] (then the [K, N] product is transposed back), whichever is less.
-        rows, out_features, in_features = grad_rows.shape[0], grad_rows.shape[1], input_rows.shape[1]
-        if rows * out_features <= (rows + out_features) * in_features:
-            return _ONEDNN_LINEAR(grad_rows.t().contiguous(), input_rows.t(), None, "none", [], "")
-        return _ONEDNN_LINEAR(input_rows.t().contiguous(), grad_rows.t(), None, "none", [], "").t().contiguous()
-    return grad_rows.t().mm(input_rows)
-
-
-def _rows(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.reshape(-1, tensor.shape[-1])
-
-
-class _LinearFunction(torch.autograd.Function):
-    """A linear layer whose forward and backward products go through [`_linear`] and the gradient products."""
-
-    @staticmethod
-    def forward(ctx, inputs, weight, bias):
-        ctx.save_for_backward(inputs, weight)
-        ctx.has_bias = bias is not None
-        return _linear(inputs, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        inputs, weight = ctx.saved_tensors
-        grad_rows = _rows(grad_output)
-        grad_input = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_input = _grad_input_product(grad_rows, weight).view(inputs.shape)
-        if ctx.needs_input_grad[1]:
-            grad_weight = _grad_weight_product(grad_rows, _rows(inputs))
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad_rows.sum(0)
-        return grad_input, grad_weight, grad_bias
-
-
-def _apply_linear(linear: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """`linear(inputs)`, through oneDNN on CPU in float32 when `linear` is a bare `nn.Linear`."""
-    if not _is_plain_linear(linear) or not _onednn_applicable(inputs, linear.weight, linear.bias):
-        return linear(inputs)
-    if torch.is_grad_enabled() and (inputs.requires_grad or any(p.requires_grad for p in linear.parameters())):
-        return _LinearFunction.apply(inputs, linear.weight, linear.bias)
-    return _linear(inputs, linear.weight, linear.bias)
-
-
-class _GeluLinearFunction(torch.autograd.Function):
-    """
-    `linear(gelu(x), weight, bias)` that keeps only `x` for the backward pass and recomputes `gelu(x)` there.
-
-    Autograd would otherwise keep both the MLP's pre-activation (for GELU's backward) and its activation (for the
-    second linear's weight gradient): each `intermediate_size` wide, together half of what a layer keeps for the
-    backward pass. Recomputing the GELU costs one elementwise pass. Mixed precision is handled explicitly (the
-    backward runs outside autocast): products run in the dtype of the forward's output, gradients come back in the
-    dtypes of the inputs, as autocast's casts would give them.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden_states, weight, bias):
-        output = _linear(nn.functional.gelu(hidden_states), weight, bias)
-        ctx.save_for_backward(hidden_states, weight)
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        hidden_states, weight = ctx.saved_tensors
-        grad_input = grad_weight = grad_bias = None
-        grad_rows = _rows(grad_output)
-        if ctx.needs_input_grad[1]:
-            activation = nn.functional.gelu(hidden_states).to(grad_output.dtype)
-            grad_weight = _grad_weight_product(grad_rows, _rows(activation)).to(weight.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_bias = grad_rows.sum(0).to(ctx.bias_dtype)
-        if ctx.needs_input_grad[0]:
-            grad_activation = _grad_input_product(grad_rows, weight.to(grad_output.dtype))
-            grad_activation = grad_activation.view(hidden_states.shape).to(hidden_states.dtype)
-            grad_input = torch.ops.aten.gelu_backward(grad_activation, hidden_states)
-        return grad_input, grad_weight, grad_bias
-
-
-class _LayerNormLinearFunction(torch.autograd.Function):
-    """
-    `linear(layer_norm(x), weight, bias)` that keeps only `x` (which the residual stream holds anyway) for the
-    backward pass and recomputes the normalised `x` there, instead of storing it for the linear's weight gradient.
-    The LayerNorm runs in its forward dtype (that of `x` here, with or without autocast); products run in the
-    dtype of the output; gradients come back in the dtypes of the inputs.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden_states, norm_weight, norm_bias, eps, weight, bias):
-        normed = nn.functional.layer_norm(hidden_states, hidden_states.shape[-1:], norm_weight, norm_bias, eps)
-        output = _linear(normed, weight, bias)
-        ctx.save_for_backward(hidden_states, norm_weight, norm_bias, weight)
-        ctx.eps = eps
-        ctx.norm_dtype = normed.dtype
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        hidden_states, norm_weight, norm_bias, weight = ctx.saved_tensors
-        dtype, shape = ctx.norm_dtype, hidden_states.shape[-1:]
-        inputs = hidden_states.to(dtype)
-        gamma = None if norm_weight is None else norm_weight.to(dtype)
-        beta = None if norm_bias is None else norm_bias.to(dtype)
-        normed, mean, rstd = torch.native_layer_norm(inputs, shape, gamma, beta, ctx.eps)
-        grad_rows = _rows(grad_output)
-        grad_weight = grad_bias = None
-        if ctx.needs_input_grad[4]:
-            grad_weight = _grad_weight_product(grad_rows, _rows(normed).to(grad_output.dtype)).to(weight.dtype)
-        if ctx.needs_input_grad[5]:
-            grad_bias = grad_rows.sum(0).to(ctx.bias_dtype)
-        grad_input = grad_gamma = grad_beta = None
-        if any(ctx.needs_input_grad[:3]):
-            grad_normed = _grad_input_product(grad_rows, weight.to(grad_output.dtype))
-            grad_normed = grad_normed.view(inputs.shape).to(dtype)
-            grad_input, grad_gamma, grad_beta = torch.ops.aten.native_layer_norm_backward(
-                grad_normed, inputs, shape, mean, rstd, gamma, beta, list(ctx.needs_input_grad[:3])
-            )
-            grad_input = None if grad_input is None else grad_input.to(hidden_states.dtype)
-            grad_gamma = None if grad_gamma is None else grad_gamma.to(norm_weight.dtype)
-            grad_beta = None if grad_beta is None else grad_beta.to(norm_bias.dtype)
-        return grad_input, grad_gamma, grad_beta, None, grad_weight, grad_bias
-
-
-def _is_plain(module: nn.Module, cls: type) -> bool:
-    """A bare `cls` module (not a subclass such as a quantised or adapter layer, no hooks, forward not replaced)."""
-    return (
-        type(module) is cls
-        and not module._forward_hooks
-        and not module._forward_pre_hooks
-        and "forward" not in module.__dict__
-    )
-
-
-def _is_plain_linear(module: nn.Module) -> bool:
-    return _is_plain(module, nn.Linear)
-
-
-def _recomputes_in_backward(hidden_states: torch.Tensor, module: nn.Module) -> bool:
-    """Whether a recomputing function should replace `module`'s stored activations: only while recording gradients."""
-    return (
-        CavMaeMLP.recompute_activation
-        and torch.is_grad_enabled()
-        and (hidden_states.requires_grad or any(p.requires_grad for p in module.parameters(recurse=False)))
-    )
-
-
-def _norm_linear(norm: nn.Module, linear: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """`linear(norm(hidden_states))`, recomputing the normalised states in the backward pass when training."""
-    if (
-        _recomputes_in_backward(hidden_states, linear)
-        and _is_plain(norm, nn.LayerNorm)
-        and norm.weight is not None
-        and _is_plain_linear(linear)
-    ):
-        return _LayerNormLinearFunction.apply(hidden_states, norm.weight, norm.bias, norm.eps, linear.weight, linear.bias)
-    return _apply_linear(linear, norm(hidden_states))
-
-
 class CavMaeMLP(nn.Module):
-    """
-    `fc2(act(fc1(x)))`. While gradients are recorded and the activation is the exact GELU, the activation is
-    recomputed in the backward pass instead of being stored ([`_GeluLinearFunction`]); likewise the layers' inputs
-    to the query/key/value projection and to `fc1` are re-normalised in the backward pass instead of being stored
-    ([`_LayerNormLinearFunction`]). Together this cuts the activation memory of training by more than a third for
-    ~1-2 % more time. Set `CavMaeMLP.recompute_activation = False` to store everything instead. Inference, and
-    modules that are not bare `nn.Linear` / `nn.LayerNorm` (quantised, adapted or hooked), run the plain modules.
-    """
-
-    recompute_activation = True
+    """`fc2(act(fc1(x)))`; see `kernels_cav_mae.py` for how the products run and what is kept for the backward pass."""
 
     def __init__(self, config: CavMaeConfig, hidden_size: int, intermediate_size: int):
         super().__init__()
         self.fc1 = nn.Linear(hidden_size, intermediate_size)
         self.activation = ACT2FN[config.hidden_act]
         self.fc2 = nn.Linear(intermediate_size, hidden_size)
-        self._exact_gelu = config.hidden_act == "gelu"
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.activate_and_project(_apply_linear(self.fc1, hidden_states))
+        return self.activate_and_project(linear_layer(self.fc1, hidden_states))
 
     def activate_and_project(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """`fc2(act(h))` for the output `h` of `fc1`."""
-        if self._exact_gelu and _recomputes_in_backward(hidden_states, self.fc2) and _is_plain_linear(self.fc2):
-            return _GeluLinearFunction.apply(hidden_states, self.fc2.weight, self.fc2.bias)
-        return _apply_linear(self.fc2, self.activation(hidden_states))
-
-
-def _segment_rows(segments) -> list[int]:
-    return [batch_size * length for _, batch_size, length in segments]
+        return gelu_linear(self.fc2, hidden_states, self.activation)
 
 
 class CavMaeLayer(GradientCheckpointingLayer):
     """
-    Pre-norm transformer layer whose attention and MLP may serve several streams. Each stream in `streams` has
-    its own pair of LayerNorms (`layernorm_before[stream]`, `layernorm_after[stream]`): a modality-specific
-    layer has one stream, a shared layer three (audio, visual, joint), a decoder layer one (joint).
+    Pre-norm transformer layer whose attention and MLP may serve several streams. Each stream in `streams` has its
+    own pair of LayerNorms (`layernorm_before[stream]`, `layernorm_after[stream]`): a modality-specific layer has one
+    stream, a shared layer three (audio, visual, joint), a decoder layer one (joint).
 
-    Called with `hidden_states` `[B, N, D]` and `stream` a name, it runs one stream. Called with packed rows
-    `[R, D]` and `stream` a tuple of `(name, batch_size, length)` segments (rows in that order, each segment a
-    stream's `[batch_size, length, D]` flattened), it runs several streams at once: each segment gets its own
-    LayerNorms and attends within itself, while the projections and the MLP, whose weights the streams share, run
-    once over all rows (larger matrix products, and one weight-gradient product per weight instead of one per
-    stream).
+    It takes packed rows `[R, D]` and their [`Segment`]s (see [`pack`]): each segment gets its stream's LayerNorms
+    and attends within itself, while the projections and the MLP, whose weights the streams share, run once over all
+    rows (larger matrix products, and one weight-gradient product per weight instead of one per stream).
     """
 
     def __init__(self, config: CavMaeConfig, hidden_size: int, num_heads: int, intermediate_size: int, streams):
@@ -689,34 +507,30 @@ class CavMaeLayer(GradientCheckpointingLayer):
         self.layernorm_after = nn.ModuleDict({s: nn.LayerNorm(hidden_size, eps=config.layer_norm_eps) for s in streams})
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, hidden_states: torch.Tensor, stream, output_attentions: bool = False):
-        if isinstance(stream, str):
-            qkv = _norm_linear(self.layernorm_before[stream], self.attention.qkv, hidden_states)
-            attention_output, attn_weights = self.attention.attend_projected(qkv, output_attentions)
-            hidden_states = hidden_states + self.dropout(attention_output)
-            intermediate = _norm_linear(self.layernorm_after[stream], self.mlp.fc1, hidden_states)
-            hidden_states = hidden_states + self.dropout(self.mlp.activate_and_project(intermediate))
-            return hidden_states, attn_weights
-        segments = stream
-        normed = _per_segment(self.layernorm_before, hidden_states, segments)
-        attention_output, attn_weights = self.attention(normed, output_attentions, segments)
+    def forward(self, hidden_states: torch.Tensor, segments: Sequence[Segment], output_attentions: bool = False):
+        """Rows `[R, D]` -> (rows `[R, D]`, each segment's attention weights or None)."""
+        qkv = self._norm_linear(self.layernorm_before, self.attention.qkv, hidden_states, segments)
+        attention_output, attn_weights = self.attention(qkv, segments, output_attentions)
         hidden_states = hidden_states + self.dropout(attention_output)
-        normed = _per_segment(self.layernorm_after, hidden_states, segments)
-        hidden_states = hidden_states + self.dropout(self.mlp(normed))
+        intermediate = self._norm_linear(self.layernorm_after, self.mlp.fc1, hidden_states, segments)
+        hidden_states = hidden_states + self.dropout(self.mlp.activate_and_project(intermediate))
         return hidden_states, attn_weights
 
-
-def _per_segment(norms: nn.ModuleDict, rows: torch.Tensor, segments) -> torch.Tensor:
-    """Apply each segment's own LayerNorm to its rows of `rows` `[R, D]`."""
-    pieces = rows.split(_segment_rows(segments))
-    return torch.cat([norms[name](piece) for piece, (name, _, _) in zip(pieces, segments)])
+    @staticmethod
+    def _norm_linear(norms: nn.ModuleDict, linear: nn.Linear, rows: torch.Tensor, segments) -> torch.Tensor:
+        """`linear` of the rows, each segment normalised by its own stream's LayerNorm."""
+        if len(segments) == 1:
+            return layer_norm_linear(norms[segments[0].stream], linear, rows)
+        pieces = rows.split([segment.rows for segment in segments])
+        normed = torch.cat([norms[segment.stream](piece) for piece, segment in zip(pieces, segments)])
+        return linear_layer(linear, normed)
 
 
 class CavMaeEmbeddings(nn.Module):
     """
-    Patch projection + fixed 2-D sin-cos position embedding + learned modality embedding, for each modality.
-    Audio `[B, T, F]` is seen as a one-channel image of height F and width T: its tokens are frequency-major
-    (`f * (T / p) + t`). Frames `[B, C, H, W]` give row-major tokens.
+    Patch projection + fixed 2-D sin-cos position embedding + learned modality embedding, for each modality, and
+    the random masking of pretraining. Audio `[B, T, F]` is seen as a one-channel image of height F and width T: its
+    tokens are frequency-major (`f * (T / p) + t`). Frames `[B, C, H, W]` give row-major tokens.
     """
 
     def __init__(self, config: CavMaeConfig):
@@ -730,18 +544,44 @@ class CavMaeEmbeddings(nn.Module):
         self.audio_modality_embedding = nn.Parameter(torch.zeros(1, 1, size))
         self.visual_modality_embedding = nn.Parameter(torch.zeros(1, 1, size))
 
-    def embed_audio(self, input_features: torch.Tensor) -> torch.Tensor:
-        """`[B, T, F]` -> `[B, Na, D]`."""
+    def embed(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
+        """Tokens `[B, N, D]` of `input_features` `[B, T, F]` (`modality="audio"`) or `pixel_values` `[B, C, H, W]`."""
+        if modality == AUDIO:
+            projection, position, kind = (
+                self.audio_patch_embeddings,
+                self.audio_position_embeddings,
+                self.audio_modality_embedding,
+            )
+            inputs = spectrogram_to_image(inputs)
+        else:
+            projection, position, kind = (
+                self.visual_patch_embeddings,
+                self.visual_position_embeddings,
+                self.visual_modality_embedding,
+            )
         # Inputs come in float32 from the feature extractor; a model loaded in half precision takes them in its dtype.
-        image = spectrogram_to_image(input_features).to(self.audio_patch_embeddings.weight.dtype)
-        patches = self.audio_patch_embeddings(image).flatten(2).transpose(1, 2)
-        return patches + self.audio_position_embeddings + self.audio_modality_embedding
+        patches = projection(inputs.to(projection.weight.dtype)).flatten(2).transpose(1, 2)
+        return patches + position + kind
 
-    def embed_visual(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """`[B, C, H, W]` -> `[B, Nv, D]`."""
-        pixel_values = pixel_values.to(self.visual_patch_embeddings.weight.dtype)
-        patches = self.visual_patch_embeddings(pixel_values).flatten(2).transpose(1, 2)
-        return patches + self.visual_position_embeddings + self.visual_modality_embedding
+    def mask(self, modality: str, tokens: torch.Tensor, noise: torch.Tensor | None):
+        """
+        Pretraining's masking of `tokens` `[B, N, D]`: the `int(N * (1 - ratio))` tokens of smallest `noise` `[B, N]`
+        are kept (`audio_mask_ratio` / `visual_mask_ratio`); without `noise`, uniform noise is drawn (for audio,
+        structured per `audio_mask_mode`). Returns (kept `[B, N_keep, D]`, mask `[B, N]` with 1 = removed,
+        ids_restore `[B, N]`).
+        """
+        config = self.config
+        ratio = config.audio_mask_ratio if modality == AUDIO else config.visual_mask_ratio
+        batch_size, length = tokens.shape[:2]
+        if noise is not None:
+            noise = _checked_noise(f"{modality}_noise", noise, (batch_size, length), tokens.device)
+        elif modality == AUDIO and config.audio_mask_mode != "unstructured":
+            noise = structured_audio_noise(
+                batch_size, config.audio_grid_size, ratio, config.audio_mask_mode, tokens.device
+            )
+        else:
+            noise = torch.rand(batch_size, length, device=tokens.device)
+        return mask_tokens(tokens, ratio, noise)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -786,29 +626,88 @@ class CavMaePreTrainedModel(PreTrainedModel):
             for token in (module.mask_token, module.audio_modality_embedding, module.visual_modality_embedding):
                 init.normal_(token, std=std)
 
-    def _freeze_position_embeddings(self):
-        trainable = self.config.trainable_position_embeddings
+    @property
+    def dummy_inputs(self) -> dict[str, torch.Tensor]:
+        config = self.config
+        return {
+            "input_features": torch.zeros(2, config.audio_length, config.num_mel_bins, device=self.device),
+            "pixel_values": torch.zeros(
+                2, config.num_channels, config.image_size, config.image_size, device=self.device
+            ),
+        }
+
+    def frozen_parameter_names(self) -> set[str]:
+        """
+        Parameters this model keeps out of training. The sin-cos position embeddings, unless
+        `config.trainable_position_embeddings` (the reference freezes them in pretraining and trains them when
+        fine-tuning). Subclasses add the parameters their training cannot reach.
+        """
+        if self.config.trainable_position_embeddings:
+            return set()
+        return {name for name, _ in self.named_parameters() if name.endswith("position_embeddings")}
+
+    def freeze_parameters(self):
+        """Apply [`frozen_parameter_names`]: those parameters stop requiring gradients, all others require them."""
+        frozen = self.frozen_parameter_names()
         for name, parameter in self.named_parameters():
-            if name.endswith("position_embeddings"):
-                parameter.requires_grad_(trainable)
+            parameter.requires_grad_(name not in frozen)
 
     def post_init(self):
         super().post_init()
-        self._freeze_position_embeddings()
+        self.freeze_parameters()
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         # Loading replaces the parameters, so the configured freezing is applied again afterwards.
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
-        model._freeze_position_embeddings()
+        model.freeze_parameters()
         return loaded
 
-    def save_pretrained(self, *args, **kwargs):
-        # Every class travels with the saved code, so the checkpoint can name them all for trust_remote_code users.
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # Every class travels with the saved code, so the checkpoint can name them all for trust_remote_code users,
+        # and so does the pipeline code, which `transformers.pipeline(..., trust_remote_code=True)` finds through
+        # `custom_pipelines`.
         if self._auto_class is not None:
             self.config.auto_map = {**REMOTE_CODE_AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
-        return super().save_pretrained(*args, **kwargs)
+            self.config.custom_pipelines = REMOTE_CODE_PIPELINES
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if self._auto_class is not None:
+            _copy_remote_pipeline_code(save_directory)
+        return result
+
+
+# The pipelines as remote code: the module and the files it imports travel with every checkpoint (see
+# `save_pretrained`). When `import cavmae_hf` has registered the same tasks, `CavMaeConfig.custom_pipelines` is
+# empty, so that the installed pipelines serve (no trust_remote_code needed).
+REMOTE_CODE_PIPELINES = {
+    "audio-visual-classification": {
+        "impl": "pipelines.AudioVisualClassificationPipeline",
+        "pt": ["AutoModelForAudioClassification"],
+        "tf": [],
+        "type": "multimodal",
+    },
+    "audio-visual-feature-extraction": {
+        "impl": "pipelines.AudioVisualFeatureExtractionPipeline",
+        "pt": ["AutoModel"],
+        "tf": [],
+        "type": "multimodal",
+    },
+}
+
+
+def _copy_remote_pipeline_code(save_directory):
+    import shutil
+    from pathlib import Path
+
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    here = Path(__file__).resolve().parent
+    pipeline_file = here / "pipelines.py"
+    if not pipeline_file.is_file():  # a copy loaded as remote code that was saved without its pipelines
+        return
+    for source in [pipeline_file, *map(Path, get_relative_import_files(pipeline_file))]:
+        shutil.copyfile(source, Path(save_directory) / source.name)
 
 
 def _init_patch_projection(projection: nn.Conv2d):
@@ -839,25 +738,67 @@ class _StreamTrace:
     def start(cls, output_hidden_states: bool, output_attentions: bool):
         return cls([] if output_hidden_states else None, [] if output_attentions else None)
 
-    def copy(self):
-        return _StreamTrace(
-            None if self.hidden_states is None else list(self.hidden_states),
-            None if self.attentions is None else list(self.attentions),
+    def record(self, hidden_states: torch.Tensor | None = None, attentions: torch.Tensor | None = None):
+        if self.hidden_states is not None and hidden_states is not None:
+            self.hidden_states.append(hidden_states)
+        if self.attentions is not None and attentions is not None:
+            self.attentions.append(attentions)
+
+    def as_tuples(self, reshape=None):
+        reshape = reshape or (lambda tensor: tensor)
+        return tuple(
+            None if entries is None else tuple(reshape(entry) for entry in entries)
+            for entries in (self.hidden_states, self.attentions)
         )
 
-    def as_tuples(self):
-        return (
-            None if self.hidden_states is None else tuple(self.hidden_states),
-            None if self.attentions is None else tuple(self.attentions),
-        )
+
+def _joint_trace(traces: dict, num_frames: int | None, output_hidden_states: bool, output_attentions: bool):
+    """The joint stream's trace before the shared layers: the modality streams' entries side by side (the audio
+    repeated for each frame), their attention weights block-diagonal."""
+    trace = _StreamTrace.start(output_hidden_states, output_attentions)
+    modalities = [m for m in (AUDIO, VISUAL) if m in traces]
+
+    def side_by_side(entries, combine):
+        if len(entries) == 2 and num_frames is not None:
+            entries = (entries[0].repeat_interleave(num_frames, dim=0), entries[1])
+        return combine(list(entries))
+
+    if output_hidden_states:
+        for entries in zip(*(traces[m].hidden_states for m in modalities)):
+            trace.hidden_states.append(side_by_side(entries, lambda parts: torch.cat(parts, dim=1)))
+    if output_attentions:
+        for entries in zip(*(traces[m].attentions for m in modalities)):
+            trace.attentions.append(side_by_side(entries, _block_diagonal))
+    return trace
+
+
+def _block_diagonal(weights: list[torch.Tensor]) -> torch.Tensor:
+    """`[B, H, n_i, n_i]` attention weights -> `[B, H, sum n_i, sum n_i]` with the blocks on the diagonal."""
+    if len(weights) == 1:
+        return weights[0]
+    total = sum(w.shape[-1] for w in weights)
+    combined = weights[0].new_zeros(*weights[0].shape[:2], total, total)
+    start = 0
+    for block in weights:
+        size = block.shape[-1]
+        combined[..., start : start + size, start : start + size] = block
+        start += size
+    return combined
 
 
 class CavMaeModel(CavMaePreTrainedModel):
     """
-    The CAV-MAE encoder. Audio and frames are embedded, run through their modality-specific layers, then
-    through the shared layers as up to three streams: audio alone, visual alone, and joint (audio then visual
-    tokens), each with its own LayerNorms and a final LayerNorm (`norm_a`, `norm_v`, `norm` in the reference).
+    The CAV-MAE encoder. Audio and frames are embedded, run through their modality-specific layers, then through the
+    shared layers as up to three streams: audio alone, visual alone, and joint (audio then visual tokens), each with
+    its own LayerNorms and a final LayerNorm (`norm_a`, `norm_v`, `norm` in the reference).
+
+    Several frames per clip (`pixel_values` `[B, F, C, H, W]`) are encoded with the clip's audio, whose
+    modality-specific layers run once per clip; the visual and joint outputs then carry the frame axis. Pretraining's
+    masking happens here too (`apply_masking`, `audio_noise` / `visual_noise`).
     """
+
+    # a pretraining checkpoint loads into the encoder without its decoder being reported
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\."]
 
     def __init__(self, config: CavMaeConfig):
         super().__init__(config)
@@ -868,89 +809,23 @@ class CavMaeModel(CavMaePreTrainedModel):
         self.audio_layers = nn.ModuleList([CavMaeLayer(config, size, heads, inner, (AUDIO,)) for _ in range(specific)])
         self.visual_layers = nn.ModuleList([CavMaeLayer(config, size, heads, inner, (VISUAL,)) for _ in range(specific)])
         self.shared_layers = nn.ModuleList(
-            [CavMaeLayer(config, size, heads, inner, (AUDIO, VISUAL, JOINT)) for _ in range(config.num_shared_layers)]
+            [CavMaeLayer(config, size, heads, inner, STREAMS) for _ in range(config.num_shared_layers)]
         )
-        self.final_layernorm = nn.ModuleDict(
-            {s: nn.LayerNorm(size, eps=config.layer_norm_eps) for s in (AUDIO, VISUAL, JOINT)}
-        )
+        self.final_layernorm = nn.ModuleDict({s: nn.LayerNorm(size, eps=config.layer_norm_eps) for s in STREAMS})
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
         return self.embeddings.audio_patch_embeddings
 
-    # Building blocks shared by every head -------------------------------------------------------------------
-    def embed(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
-        """Tokens `[B, N, D]` of `input_features` (`modality="audio"`) or `pixel_values` (`"visual"`)."""
-        if modality == AUDIO:
-            return self.embeddings.embed_audio(inputs)
-        return self.embeddings.embed_visual(inputs)
-
-    def encode_modality(self, tokens: torch.Tensor, modality: str, trace: _StreamTrace | None = None) -> torch.Tensor:
-        """Run `tokens` `[B, N, D]` through the modality-specific layers of `modality`."""
-        layers = self.audio_layers if modality == AUDIO else self.visual_layers
-        return self._run_layers(layers, tokens, modality, trace)
-
-    def encode_shared(self, tokens: torch.Tensor, stream: str, trace: _StreamTrace | None = None) -> torch.Tensor:
-        """Run `tokens` through the shared layers with the LayerNorms of `stream`, then its final LayerNorm."""
-        tokens = self._run_layers(self.shared_layers, tokens, stream, trace)
-        return self.final_layernorm[stream](tokens)
-
-    def encode_shared_streams(self, streams, traces=None) -> list:
-        """
-        Run several streams through the shared layers at once: `streams` is a sequence of `(tokens [B, N, D], name)`
-        (names may repeat); returns each stream's output after its final LayerNorm, as [`encode_shared`] would.
-        The streams are packed as rows, so that the shared projections and MLPs run as one matrix product per weight
-        (see [`CavMaeLayer`]). `traces` (one per stream, or None) collect hidden states / attention weights.
-        """
-        streams = list(streams)
-        traces = list(traces) if traces is not None else [None] * len(streams)
-        if len(streams) == 1:
-            (tokens, name), trace = streams[0], traces[0]
-            return [self.encode_shared(tokens, name, trace)]
-        segments = tuple((name, tokens.shape[0], tokens.shape[1]) for tokens, name in streams)
-        traces = [trace or _StreamTrace() for trace in traces]
-        output_attentions = any(trace.attentions is not None for trace in traces)
-        for (tokens, _), trace in zip(streams, traces):
-            if trace.hidden_states is not None and not trace.hidden_states:
-                trace.hidden_states.append(tokens)
-        rows = torch.cat([tokens.reshape(-1, tokens.shape[-1]) for tokens, _ in streams])
-        for layer in self.shared_layers:
-            rows, attn_weights = layer(rows, segments, output_attentions)
-            pieces = _unpack(rows, segments)
-            for index, trace in enumerate(traces):
-                if trace.hidden_states is not None:
-                    trace.hidden_states.append(pieces[index])
-                if trace.attentions is not None:
-                    trace.attentions.append(attn_weights[index])
-        return [self.final_layernorm[name](piece) for piece, (name, _, _) in zip(_unpack(rows, segments), segments)]
-
-    def _run_layers(self, layers, hidden_states, stream, trace):
-        trace = trace or _StreamTrace()
-        output_attentions = trace.attentions is not None
-        if trace.hidden_states is not None and not trace.hidden_states:
-            trace.hidden_states.append(hidden_states)
-        for layer in layers:
-            hidden_states, attn_weights = layer(hidden_states, stream, output_attentions)
-            if trace.hidden_states is not None:
-                trace.hidden_states.append(hidden_states)
-            if output_attentions:
-                trace.attentions.append(attn_weights)
-        return hidden_states
-
-    def encode_both_modalities(self, input_features, pixel_values, output_hidden_states=False, output_attentions=False):
-        """Embeddings and modality-specific layers of whichever inputs are given: `{modality: (tokens, trace)}`."""
-        encoded = {}
-        for modality, inputs in ((AUDIO, input_features), (VISUAL, pixel_values)):
-            if inputs is not None:
-                trace = _StreamTrace.start(output_hidden_states, output_attentions)
-                encoded[modality] = (self.encode_modality(self.embed(modality, inputs), modality, trace), trace)
-        return encoded
-
-    # Forward ------------------------------------------------------------------------------------------------
+    @can_return_tuple
     def forward(
         self,
         input_features: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
+        audio_noise: torch.Tensor | None = None,
+        visual_noise: torch.Tensor | None = None,
+        apply_masking: bool = False,
+        streams: Sequence[str] | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
@@ -959,70 +834,177 @@ class CavMaeModel(CavMaePreTrainedModel):
         Args:
             input_features (`torch.FloatTensor` of shape `(B, audio_length, num_mel_bins)`, *optional*):
                 Normalised log-mel fbank from [`CavMaeFeatureExtractor`].
-            pixel_values (`torch.FloatTensor` of shape `(B, num_channels, image_size, image_size)`, *optional*):
-                Normalised frames from [`CavMaeFeatureExtractor`].
+            pixel_values (`torch.FloatTensor` of shape `(B, num_channels, image_size, image_size)` or
+                `(B, F, num_channels, image_size, image_size)`, *optional*): normalised frames from
+                [`CavMaeFeatureExtractor`], one or `F` per clip.
+            audio_noise (`torch.FloatTensor` of shape `(B, num_audio_patches)`, *optional*): masks the audio tokens,
+                keeping the `int(N * (1 - audio_mask_ratio))` of smallest noise. Implies `apply_masking`.
+            visual_noise (`torch.FloatTensor` of shape `(B, num_visual_patches)`, *optional*): the same for frames.
+            apply_masking (`bool`, *optional*, defaults to `False`): mask the tokens as in pretraining, with the
+                noise given or, without it, noise drawn at random (structured for audio per `audio_mask_mode`).
+            streams (`Sequence[str]`, *optional*): which streams to run through the shared layers, of `"audio"`,
+                `"visual"` and `"joint"`. Default: the modality streams of the given inputs, and the joint stream
+                when both are given. Streams not asked for are `None` in the output and cost nothing.
             output_hidden_states / output_attentions / return_dict: as everywhere in Transformers.
-
-        Either or both modalities may be given; the joint stream (`last_hidden_state`, `pooler_output`) needs both.
         """
-        output_hidden_states, output_attentions, return_dict = self._resolve_output_flags(
-            output_hidden_states, output_attentions, return_dict
+        output_hidden_states, output_attentions = self._resolve_output_flags(output_hidden_states, output_attentions)
+        validate_inputs(self.config, input_features, pixel_values, allow_frames=True)
+        inputs = {m: x for m, x in ((AUDIO, input_features), (VISUAL, pixel_values)) if x is not None}
+        streams = _checked_streams(streams, inputs)
+        num_frames = pixel_values.shape[1] if pixel_values is not None and pixel_values.dim() == 5 else None
+        if num_frames is not None:
+            inputs[VISUAL] = pixel_values.flatten(0, 1)
+        noises = {AUDIO: audio_noise, VISUAL: visual_noise}
+        masking = apply_masking or audio_noise is not None or visual_noise is not None
+        if masking and num_frames is not None:
+            raise CavMaeInputError("Masking takes one frame per clip: give `pixel_values` of shape (B, C, H, W).")
+
+        tokens, traces, outputs = {}, {}, {}
+        for modality in inputs:
+            embedded = self.embeddings.embed(modality, inputs[modality])
+            if masking:
+                embedded, outputs[f"{modality}_mask"], outputs[f"{modality}_ids_restore"] = self.embeddings.mask(
+                    modality, embedded, noises[modality]
+                )
+            traces[modality] = _StreamTrace.start(output_hidden_states, output_attentions)
+            layers = self.audio_layers if modality == AUDIO else self.visual_layers
+            tokens[modality] = self._run_layers(layers, embedded, modality, traces[modality])
+
+        shared_inputs = []
+        for stream in streams:
+            if stream == JOINT:
+                traces[JOINT] = _joint_trace(traces, num_frames, output_hidden_states, output_attentions)
+                shared_inputs.append((_joint_tokens(tokens, num_frames), JOINT))
+            else:
+                shared_inputs.append((tokens[stream], stream))
+        stream_outputs = self.encode_shared_streams(shared_inputs, [traces[s] for s in streams])
+
+        per_frame = (lambda t: t.unflatten(0, (-1, num_frames))) if num_frames is not None else (lambda t: t)
+        for stream, output in zip(streams, stream_outputs):
+            reshape = (lambda t: t) if stream == AUDIO else per_frame
+            prefix = "" if stream == JOINT else f"{stream}_"
+            outputs[f"{prefix}last_hidden_state"] = reshape(output)
+            outputs["pooler_output" if stream == JOINT else f"{stream}_embeds"] = reshape(output.mean(dim=1))
+            outputs[f"{prefix}hidden_states"], outputs[f"{prefix}attentions"] = traces[stream].as_tuples(reshape)
+        return CavMaeModelOutput(**outputs)
+
+    @can_return_tuple
+    def get_audio_features(
+        self,
+        input_features: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutputWithPooling | tuple:
+        r"""
+        The audio stream of `input_features` `(B, audio_length, num_mel_bins)`, as CLIP's / CLAP's
+        `get_*_features`: `last_hidden_state` `(B, Na, D)`, `pooler_output` `(B, D)` (the mean-pooled audio
+        embedding used for retrieval), and with the flags `hidden_states` / `attentions`.
+        """
+        if input_features is None:
+            raise CavMaeInputError("get_audio_features needs `input_features`.")
+        out = self.forward(
+            input_features=input_features,
+            streams=(AUDIO,),
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
         )
-        validate_inputs(self.config, input_features, pixel_values)
-        encoded = self.encode_both_modalities(input_features, pixel_values, output_hidden_states, output_attentions)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=out.audio_last_hidden_state,
+            pooler_output=out.audio_embeds,
+            hidden_states=out.audio_hidden_states,
+            attentions=out.audio_attentions,
+        )
 
-        # The modality streams and the joint stream go through the shared layers together.
-        streams = [(tokens, modality) for modality, (tokens, _) in encoded.items()]
-        traces = [trace for _, trace in encoded.values()]
-        if len(encoded) == 2:
-            joint_trace = _StreamTrace.start(output_hidden_states, output_attentions)
-            streams.append((torch.cat([encoded[AUDIO][0], encoded[VISUAL][0]], dim=1), JOINT))
-            traces.append(joint_trace)
-        stream_outputs = self.encode_shared_streams(streams, traces)
+    @can_return_tuple
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutputWithPooling | tuple:
+        r"""
+        The visual stream of `pixel_values` `(B, [F,] C, H, W)`: `last_hidden_state` `(B, [F,] Nv, D)`,
+        `pooler_output` `(B, [F,] D)` (the mean-pooled visual embedding of each frame, used for retrieval), and with
+        the flags `hidden_states` / `attentions`.
+        """
+        if pixel_values is None:
+            raise CavMaeInputError("get_image_features needs `pixel_values`.")
+        out = self.forward(
+            pixel_values=pixel_values,
+            streams=(VISUAL,),
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
+        )
+        return BaseModelOutputWithPooling(
+            last_hidden_state=out.visual_last_hidden_state,
+            pooler_output=out.visual_embeds,
+            hidden_states=out.visual_hidden_states,
+            attentions=out.visual_attentions,
+        )
 
-        outputs = {}
-        for modality, stream_output, trace in zip(encoded, stream_outputs, traces):
-            hidden, attentions = trace.as_tuples()
-            outputs[f"{modality}_last_hidden_state"] = stream_output
-            outputs[f"{modality}_embeds"] = stream_output.mean(dim=1)
-            outputs[f"{modality}_hidden_states"] = hidden
-            outputs[f"{modality}_attentions"] = attentions
-        if len(encoded) == 2:
-            joint_output = stream_outputs[2]
-            outputs["last_hidden_state"] = joint_output
-            outputs["pooler_output"] = joint_output.mean(dim=1)
-            outputs["hidden_states"], outputs["attentions"] = joint_trace.as_tuples()
+    # Building blocks ------------------------------------------------------------------------------------------
+    def encode_shared_streams(self, streams, traces=None) -> list[torch.Tensor]:
+        """
+        Run streams through the shared layers at once, then each through its final LayerNorm: `streams` is a sequence
+        of `(tokens [B, N, D], name)` (names may repeat). The streams are packed as rows (see [`CavMaeLayer`]), so
+        that the shared projections and MLPs run as one matrix product per weight. `traces` (one per stream, or None)
+        collect hidden states / attention weights.
+        """
+        streams = list(streams)
+        traces = list(traces) if traces is not None else [_StreamTrace() for _ in streams]
+        for (tokens, _), trace in zip(streams, traces):
+            if trace.hidden_states is not None and not trace.hidden_states:
+                trace.record(hidden_states=tokens)
+        rows, segments = pack(streams)
+        output_attentions = any(trace.attentions is not None for trace in traces)
+        for layer in self.shared_layers:
+            rows, attn_weights = layer(rows, segments, output_attentions)
+            for index, (piece, trace) in enumerate(zip(unpack(rows, segments), traces)):
+                trace.record(piece, attn_weights[index] if attn_weights is not None else None)
+        return [self.final_layernorm[s.stream](piece) for piece, s in zip(unpack(rows, segments), segments)]
 
-        result = CavMaeModelOutput(**outputs)
-        return result if return_dict else result.to_tuple()
+    def _run_layers(self, layers, hidden_states: torch.Tensor, stream: str, trace: _StreamTrace) -> torch.Tensor:
+        """`hidden_states` `[B, N, D]` through `layers` (one stream), recording into `trace`."""
+        trace.record(hidden_states=hidden_states)
+        rows, segments = pack([(hidden_states, stream)])
+        output_attentions = trace.attentions is not None
+        for layer in layers:
+            rows, attn_weights = layer(rows, segments, output_attentions)
+            trace.record(rows.view_as(hidden_states), attn_weights[0] if attn_weights is not None else None)
+        return rows.view_as(hidden_states)
 
-    def get_audio_features(self, input_features: torch.Tensor) -> torch.Tensor:
-        """Pooled audio embeddings `[B, D]` (mean of the audio stream), for retrieval."""
-        validate_inputs(self.config, input_features, None)
-        tokens = self.encode_modality(self.embed(AUDIO, input_features), AUDIO)
-        return self.encode_shared(tokens, AUDIO).mean(dim=1)
-
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Pooled visual embeddings `[B, D]` (mean of the visual stream), for retrieval."""
-        validate_inputs(self.config, None, pixel_values)
-        tokens = self.encode_modality(self.embed(VISUAL, pixel_values), VISUAL)
-        return self.encode_shared(tokens, VISUAL).mean(dim=1)
-
-    def _resolve_output_flags(self, output_hidden_states, output_attentions, return_dict):
+    def _resolve_output_flags(self, output_hidden_states, output_attentions):
         config = self.config
         return (
             config.output_hidden_states if output_hidden_states is None else output_hidden_states,
             config.output_attentions if output_attentions is None else output_attentions,
-            config.return_dict if return_dict is None else return_dict,
         )
 
 
-def _unpack(rows: torch.Tensor, segments) -> list:
-    """Packed rows `[R, D]` -> each segment's `[batch_size, length, D]` (views)."""
-    return [
-        piece.view(batch_size, length, -1)
-        for piece, (_, batch_size, length) in zip(rows.split(_segment_rows(segments)), segments)
-    ]
+def _checked_streams(streams, inputs: dict) -> tuple[str, ...]:
+    if streams is None:
+        return tuple(inputs) + ((JOINT,) if len(inputs) == 2 else ())
+    streams = tuple(streams)
+    unknown = [s for s in streams if s not in STREAMS]
+    if unknown or not streams or len(set(streams)) != len(streams):
+        raise CavMaeInputError(f"`streams` must be distinct names of {STREAMS}, got {streams!r}.")
+    missing = [s for s in streams if s != JOINT and s not in inputs]
+    if missing:
+        needed = {AUDIO: "input_features", VISUAL: "pixel_values"}
+        raise CavMaeInputError(f"The {missing[0]} stream needs `{needed[missing[0]]}`.")
+    return streams
+
+
+def _joint_tokens(tokens: dict, num_frames: int | None) -> torch.Tensor:
+    """The joint stream's input: audio then visual tokens (the audio repeated for each frame), or the one given."""
+    if len(tokens) == 1:
+        return next(iter(tokens.values()))
+    audio = tokens[AUDIO] if num_frames is None else tokens[AUDIO].repeat_interleave(num_frames, dim=0)
+    return torch.cat([audio, tokens[VISUAL]], dim=1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1052,7 +1034,7 @@ def validate_inputs(config: CavMaeConfig, input_features, pixel_values, allow_fr
             raise CavMaeInputError(
                 f"`pixel_values` must have shape (batch, {expected[0]}, {expected[1]}, {expected[2]}){frames_hint} "
                 f"for this model, got {tuple(pixel_values.shape)}."
-                + ("" if allow_frames else " Only CavMaeForAudioVisualClassification takes a frame axis.")
+                + ("" if allow_frames else " Pretraining takes one frame per clip.")
             )
         if pixel_values.dim() == 5 and pixel_values.shape[1] == 0:
             raise CavMaeInputError(
@@ -1076,6 +1058,20 @@ def _check_tensor(name: str, tensor):
         raise CavMaeInputError(f"`{name}` must be a floating-point tensor, got {tensor.dtype}.")
     if _can_inspect_values() and not bool(torch.isfinite(tensor).all()):
         raise CavMaeInputError(f"`{name}` contains NaN or Inf values.")
+
+
+def _checked_noise(name: str, noise: torch.Tensor, shape: tuple[int, int], device) -> torch.Tensor:
+    """`noise` on `device` once it is known to be a finite real tensor of `shape` (batch, patches): the mask keeps
+    the patches of smallest noise, which NaN (sorted last) or a wrong shape would silently change."""
+    if not isinstance(noise, torch.Tensor):
+        raise CavMaeInputError(f"`{name}` must be a torch.Tensor of shape {shape}, got {type(noise).__name__}.")
+    if tuple(noise.shape) != shape:
+        raise CavMaeInputError(f"`{name}` must have shape {shape} (batch, patches), got {tuple(noise.shape)}.")
+    if noise.dtype == torch.bool or noise.is_complex():
+        raise CavMaeInputError(f"`{name}` must hold real numbers (float or int), got {noise.dtype}.")
+    if noise.is_floating_point() and _can_inspect_values() and not bool(torch.isfinite(noise).all()):
+        raise CavMaeInputError(f"`{name}` contains NaN or Inf values: the mask it gives would be arbitrary.")
+    return noise.to(device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1119,19 +1115,20 @@ class CavMaeDecoder(nn.Module):
         `latent` `[B, Na_kept + Nv_kept, D]` (kept audio tokens first) -> predicted audio patches `[B, Na, p*p]`
         and visual patches `[B, Nv, p*p*C]`, in patch order.
         """
-        hidden = _apply_linear(self.decoder_embed, latent)
+        hidden = linear_layer(self.decoder_embed, latent)
         audio = self._restore_order(hidden[:, :num_audio_kept], audio_ids_restore)
         visual = self._restore_order(hidden[:, num_audio_kept:], visual_ids_restore)
         audio = audio + self.audio_position_embeddings + self.audio_modality_embedding
         visual = visual + self.visual_position_embeddings + self.visual_modality_embedding
         hidden = torch.cat([audio, visual], dim=1)
+        rows, segments = pack([(hidden, JOINT)])
         for layer in self.layers:
-            hidden, _ = layer(hidden, JOINT)
-        hidden = self.decoder_norm(hidden)
+            rows, _ = layer(rows, segments)
+        hidden = self.decoder_norm(rows.view_as(hidden))
         num_audio = audio_ids_restore.shape[1]
         return (
-            _apply_linear(self.audio_prediction, hidden[:, :num_audio]),
-            _apply_linear(self.visual_prediction, hidden[:, num_audio:]),
+            linear_layer(self.audio_prediction, hidden[:, :num_audio]),
+            linear_layer(self.visual_prediction, hidden[:, num_audio:]),
         )
 
     def _restore_order(self, kept: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
@@ -1158,14 +1155,17 @@ class CavMaeForPreTraining(CavMaePreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.cav_mae.get_input_embeddings()
 
+    @can_return_tuple
     def forward(
         self,
         input_features: torch.Tensor,
         pixel_values: torch.Tensor,
         audio_noise: torch.Tensor | None = None,
         visual_noise: torch.Tensor | None = None,
-        return_dict: bool | None = None,
         labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
     ) -> CavMaeForPreTrainingOutput | tuple:
         r"""
         Args:
@@ -1176,115 +1176,88 @@ class CavMaeForPreTraining(CavMaePreTrainedModel):
             visual_noise (`torch.FloatTensor` of shape `(B, Nv)`, *optional*): the same for the frames.
             labels (*optional*): accepted and ignored, so that one labelled dataset serves pretraining and
                 fine-tuning (as the reference's data loader does).
+            output_hidden_states / output_attentions / return_dict: as everywhere in Transformers.
         """
         config = self.config
         config.validate_cav_mae()
-        return_dict = config.return_dict if return_dict is None else return_dict
         if input_features is None or pixel_values is None:
             raise CavMaeInputError("CavMaeForPreTraining needs both `input_features` and `pixel_values`.")
         validate_inputs(config, input_features, pixel_values)
         if config.mae_loss_weight == 0 and config.contrastive_loss_weight == 0:
             raise CavMaeInputError("mae_loss_weight and contrastive_loss_weight are both 0: there is nothing to train.")
-        batch_size = input_features.shape[0]
-        audio_noise = self._audio_noise(audio_noise, batch_size, input_features.device)
-        visual_noise = self._visual_noise(visual_noise, batch_size, pixel_values.device)
-
-        model = self.cav_mae
-        audio, audio_mask, audio_ids_restore, audio_ids_removed = _mask_tokens(
-            model.embed(AUDIO, input_features), config.audio_mask_ratio, audio_noise
-        )
-        visual, visual_mask, visual_ids_restore, visual_ids_removed = _mask_tokens(
-            model.embed(VISUAL, pixel_values), config.visual_mask_ratio, visual_noise
-        )
-        audio = model.encode_modality(audio, AUDIO)
-        visual = model.encode_modality(visual, VISUAL)
-        outputs = {
-            "audio_mask": audio_mask,
-            "visual_mask": visual_mask,
-            "audio_ids_restore": audio_ids_restore,
-            "visual_ids_restore": visual_ids_restore,
-        }
         # The joint stream (for the decoder) and the modality streams (for the contrastive loss) share one pass
-        # through the shared layers.
-        streams = []
-        if config.mae_loss_weight != 0:
-            streams.append((torch.cat([audio, visual], dim=1), JOINT))
-        if config.contrastive_loss_weight != 0:
-            streams += [(audio, AUDIO), (visual, VISUAL)]
-        stream_outputs = model.encode_shared_streams(streams)
+        # through the shared layers; a loss of weight 0 does not run its streams.
+        streams = ((JOINT,) if config.mae_loss_weight != 0 else ()) + (
+            (AUDIO, VISUAL) if config.contrastive_loss_weight != 0 else ()
+        )
+        encoded = self.cav_mae(
+            input_features=input_features,
+            pixel_values=pixel_values,
+            audio_noise=audio_noise,
+            visual_noise=visual_noise,
+            apply_masking=True,
+            streams=streams,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
+        )
+        outputs = {
+            name: getattr(encoded, name)
+            for name in ("audio_mask", "visual_mask", "audio_ids_restore", "visual_ids_restore", "hidden_states", "attentions")
+        }
         loss = 0.0
         if config.mae_loss_weight != 0:
-            latent = stream_outputs.pop(0)
-            audio_logits, visual_logits = self.decoder(latent, audio.shape[1], audio_ids_restore, visual_ids_restore)
-            audio_mae_loss = reconstruction_loss(
-                spectrogram_to_image(input_features),
-                audio_logits,
-                audio_mask,
-                config.patch_size,
-                config.norm_pix_loss,
-                audio_ids_removed,
-            )
-            visual_mae_loss = reconstruction_loss(
-                pixel_values, visual_logits, visual_mask, config.patch_size, config.norm_pix_loss, visual_ids_removed
-            )
-            mae_loss = audio_mae_loss + visual_mae_loss
-            loss = loss + config.mae_loss_weight * mae_loss
-            outputs.update(
-                last_hidden_state=latent,
-                audio_logits=audio_logits,
-                visual_logits=visual_logits,
-                audio_mae_loss=audio_mae_loss,
-                visual_mae_loss=visual_mae_loss,
-                mae_loss=mae_loss,
-            )
+            mae = self._reconstruction(encoded, input_features, pixel_values)
+            loss = loss + config.mae_loss_weight * mae["mae_loss"]
+            outputs.update(mae, last_hidden_state=encoded.last_hidden_state)
         if config.contrastive_loss_weight != 0:
-            audio_embeds, visual_embeds = (stream.mean(dim=1) for stream in stream_outputs)
             c_loss, c_accuracy = contrastive_loss(
-                audio_embeds,
-                visual_embeds,
+                encoded.audio_embeds,
+                encoded.visual_embeds,
                 config.contrastive_temperature,
                 bidirectional=config.bidirectional_contrastive,
                 gather_from_all_processes=config.contrastive_negatives == "global",
             )
             loss = loss + config.contrastive_loss_weight * c_loss
             outputs.update(
-                audio_embeds=audio_embeds,
-                visual_embeds=visual_embeds,
+                audio_embeds=encoded.audio_embeds,
+                visual_embeds=encoded.visual_embeds,
                 contrastive_loss=c_loss,
                 contrastive_accuracy=c_accuracy,
             )
-        result = CavMaeForPreTrainingOutput(loss=loss, **outputs)
-        return result if return_dict else result.to_tuple()
+        return CavMaeForPreTrainingOutput(loss=loss, **outputs)
 
-    def _audio_noise(self, noise, batch_size, device):
+    def _reconstruction(self, encoded: CavMaeModelOutput, input_features, pixel_values) -> dict:
+        """The decoder's patches and the reconstruction losses on the removed patches."""
         config = self.config
-        if noise is not None:
-            return _checked_noise("audio_noise", noise, (batch_size, config.num_audio_patches), device)
-        if config.audio_mask_mode == "unstructured":
-            return torch.rand(batch_size, config.num_audio_patches, device=device)
-        return structured_audio_noise(
-            batch_size, config.audio_grid_size, config.audio_mask_ratio, config.audio_mask_mode, device
+        num_audio_kept = num_kept_tokens(config.num_audio_patches, config.audio_mask_ratio)
+        num_visual_kept = num_kept_tokens(config.num_visual_patches, config.visual_mask_ratio)
+        audio_logits, visual_logits = self.decoder(
+            encoded.last_hidden_state, num_audio_kept, encoded.audio_ids_restore, encoded.visual_ids_restore
         )
-
-    def _visual_noise(self, noise, batch_size, device):
-        shape = (batch_size, self.config.num_visual_patches)
-        if noise is not None:
-            return _checked_noise("visual_noise", noise, shape, device)
-        return torch.rand(*shape, device=device)
-
-
-def _checked_noise(name: str, noise: torch.Tensor, shape: tuple[int, int], device) -> torch.Tensor:
-    """`noise` on `device` once it is known to be a finite real tensor of `shape` (batch, patches): the mask keeps
-    the patches of smallest noise, which NaN (sorted last) or a wrong shape would silently change."""
-    if not isinstance(noise, torch.Tensor):
-        raise CavMaeInputError(f"`{name}` must be a torch.Tensor of shape {shape}, got {type(noise).__name__}.")
-    if tuple(noise.shape) != shape:
-        raise CavMaeInputError(f"`{name}` must have shape {shape} (batch, patches), got {tuple(noise.shape)}.")
-    if noise.dtype == torch.bool or noise.is_complex():
-        raise CavMaeInputError(f"`{name}` must hold real numbers (float or int), got {noise.dtype}.")
-    if noise.is_floating_point() and _can_inspect_values() and not bool(torch.isfinite(noise).all()):
-        raise CavMaeInputError(f"`{name}` contains NaN or Inf values: the mask it gives would be arbitrary.")
-    return noise.to(device)
+        audio_mae_loss = reconstruction_loss(
+            spectrogram_to_image(input_features),
+            audio_logits,
+            encoded.audio_mask,
+            config.patch_size,
+            config.norm_pix_loss,
+            removed_patch_ids(encoded.audio_ids_restore, num_audio_kept),
+        )
+        visual_mae_loss = reconstruction_loss(
+            pixel_values,
+            visual_logits,
+            encoded.visual_mask,
+            config.patch_size,
+            config.norm_pix_loss,
+            removed_patch_ids(encoded.visual_ids_restore, num_visual_kept),
+        )
+        return {
+            "audio_logits": audio_logits,
+            "visual_logits": visual_logits,
+            "audio_mae_loss": audio_mae_loss,
+            "visual_mae_loss": visual_mae_loss,
+            "mae_loss": audio_mae_loss + visual_mae_loss,
+        }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1304,15 +1277,21 @@ class CavMaeClassificationHead(nn.Module):
 
 class CavMaeForAudioVisualClassification(CavMaePreTrainedModel):
     """
-    CAV-MAE with a classification head on a mean-pooled stream, per `config.classification_mode`:
+    CAV-MAE with a classification head on a mean-pooled stream of [`CavMaeModel`], per `config.classification_mode`:
 
     - `"multimodal"`: the joint stream. Given only one modality, the pooled joint stream (of that modality alone)
       and the pooled modality stream are averaged, as the reference's missing-modality inference.
     - `"audio"` / `"visual"`: the audio / visual stream alone.
 
-    `pixel_values` may carry a frame axis `[B, F, C, H, W]`: each frame is classified with the clip's audio,
-    whose modality-specific layers run once per clip, and the per-frame probabilities are averaged.
+    `pixel_values` may carry a frame axis `[B, F, C, H, W]`: each frame is classified with the clip's audio, whose
+    modality-specific layers run once per clip, and the per-frame probabilities are averaged.
+
+    Parameters that training in the configured mode cannot reach do not require gradients (see
+    [`frozen_parameter_names`]): they keep their pretrained values, as they did in the reference's fine-tuning, and
+    distributed training needs no `find_unused_parameters`. Set `classification_mode` before loading the model.
     """
+
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\."]
 
     def __init__(self, config: CavMaeConfig):
         super().__init__(config)
@@ -1323,11 +1302,36 @@ class CavMaeForAudioVisualClassification(CavMaePreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.cav_mae.get_input_embeddings()
 
+    def frozen_parameter_names(self) -> set[str]:
+        """
+        Besides the position embeddings: in `"multimodal"` mode, the audio and visual LayerNorms of the shared layers
+        and the final audio / visual LayerNorms, which only missing-modality inference uses; in `"audio"` /
+        `"visual"` mode, everything of the other modality and the joint stream's LayerNorms.
+        """
+        mode = self.config.classification_mode
+        used_streams = {JOINT} if mode == "multimodal" else {mode}
+        used_modalities = {AUDIO, VISUAL} if mode == "multimodal" else {mode}
+        names = super().frozen_parameter_names()
+        for name, _ in self.cav_mae.named_parameters():
+            parts = name.split(".")
+            if parts[0] in ("shared_layers", "final_layernorm"):  # LayerNorms by stream: `...layernorm_before.audio.*`
+                stream = next((part for part in parts if part in STREAMS), None)
+                unused = stream is not None and stream not in used_streams
+            else:  # owned by a modality: `audio_layers.*`, `embeddings.visual_patch_embeddings.*`
+                owner = next((m for m in (AUDIO, VISUAL) if any(part.startswith(f"{m}_") for part in parts)), None)
+                unused = owner is not None and owner not in used_modalities
+            if unused:
+                names.add(f"{self.base_model_prefix}.{name}")
+        return names
+
+    @can_return_tuple
     def forward(
         self,
         input_features: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
     ) -> CavMaeClassifierOutput | tuple:
         r"""
@@ -1336,53 +1340,51 @@ class CavMaeForAudioVisualClassification(CavMaePreTrainedModel):
             pixel_values (`torch.FloatTensor` of shape `(B, C, H, W)` or `(B, F, C, H, W)`, *optional*).
             labels (`torch.LongTensor` of shape `(B,)` or `torch.FloatTensor` of shape `(B, num_labels)`,
                 *optional*): class indices (single-label), multi-hot targets (multi-label) or values (regression).
-        """
-        config = self.config
-        return_dict = config.return_dict if return_dict is None else return_dict
-        validate_inputs(config, input_features, pixel_values, allow_frames=True)
-        self._check_mode_inputs(input_features, pixel_values)
-        num_frames = pixel_values.shape[1] if pixel_values is not None and pixel_values.dim() == 5 else None
-        if num_frames is not None:
-            pixel_values = pixel_values.flatten(0, 1)
-        if config.classification_mode == AUDIO:
-            num_frames = None  # the frames play no part
-
-        pooled = self.pool(input_features, pixel_values, num_frames or 1)
-        logits = self.classifier(pooled)
-        frame_logits = None
-        if num_frames is not None:
-            frame_logits = logits.unflatten(0, (-1, num_frames))
-            pooled = pooled.unflatten(0, (-1, num_frames))
-            logits = self.aggregate_frames(frame_logits)
-        loss = self.compute_loss(logits, labels) if labels is not None else None
-        result = CavMaeClassifierOutput(loss=loss, logits=logits, frame_logits=frame_logits, pooled_output=pooled)
-        return result if return_dict else result.to_tuple()
-
-    def pool(self, input_features, pixel_values, num_frames: int = 1) -> torch.Tensor:
-        """
-        Pooled features `[B * num_frames, D]` for the head (`[B, D]` in audio mode). `pixel_values` are
-        `[B * num_frames, C, H, W]`; the audio modality-specific layers run once per clip.
+                With no `config.problem_type`, it is set from the labels at the first call, as Transformers'
+                classifiers do.
+            output_hidden_states / output_attentions / return_dict: as everywhere in Transformers.
         """
         mode = self.config.classification_mode
-        model = self.cav_mae
-        if mode != VISUAL and input_features is not None:
-            audio = model.encode_modality(model.embed(AUDIO, input_features), AUDIO)
-        else:
-            audio = None
-        if mode != AUDIO and pixel_values is not None:
-            visual = model.encode_modality(model.embed(VISUAL, pixel_values), VISUAL)
-        else:
-            visual = None
+        self._check_mode_inputs(input_features, pixel_values)
         if mode == AUDIO:
-            return model.encode_shared(audio, AUDIO).mean(dim=1)
-        if mode == VISUAL:
-            return model.encode_shared(visual, VISUAL).mean(dim=1)
-        if audio is not None and visual is not None:
-            joint = torch.cat([audio.repeat_interleave(num_frames, dim=0), visual], dim=1)
-            return model.encode_shared(joint, JOINT).mean(dim=1)
-        present, modality = (audio, AUDIO) if audio is not None else (visual, VISUAL)
-        joint, alone = model.encode_shared_streams([(present, JOINT), (present, modality)])
-        return (joint.mean(dim=1) + alone.mean(dim=1)) / 2
+            pixel_values = None  # the frames play no part
+        elif mode == VISUAL:
+            input_features = None
+        present = [m for m, x in ((AUDIO, input_features), (VISUAL, pixel_values)) if x is not None]
+        if mode != "multimodal":
+            streams = (mode,)
+        else:
+            streams = (JOINT,) if len(present) == 2 else (JOINT, present[0] if present else AUDIO)
+        encoded = self.cav_mae(
+            input_features=input_features,
+            pixel_values=pixel_values,
+            streams=streams,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
+        )
+        pooled = self._pooled(encoded, streams)
+        logits = self.classifier(pooled)
+        frame_logits = None
+        if pixel_values is not None and pixel_values.dim() == 5:
+            frame_logits, logits = logits, self.aggregate_frames(logits)
+        loss = self.compute_loss(logits, labels) if labels is not None else None
+        prefix = "" if streams[0] == JOINT else f"{streams[0]}_"
+        return CavMaeClassifierOutput(
+            loss=loss,
+            logits=logits,
+            frame_logits=frame_logits,
+            hidden_states=getattr(encoded, f"{prefix}hidden_states"),
+            attentions=getattr(encoded, f"{prefix}attentions"),
+        )
+
+    @staticmethod
+    def _pooled(encoded: CavMaeModelOutput, streams: tuple[str, ...]) -> torch.Tensor:
+        """What the head classifies: `[B, D]`, or `[B, F, D]` per frame."""
+        pooled = {AUDIO: encoded.audio_embeds, VISUAL: encoded.visual_embeds, JOINT: encoded.pooler_output}
+        if len(streams) == 1:
+            return pooled[streams[0]]
+        return (pooled[JOINT] + pooled[streams[1]]) / 2  # missing-modality inference
 
     def _check_mode_inputs(self, input_features, pixel_values):
         mode = self.config.classification_mode
@@ -1390,19 +1392,15 @@ class CavMaeForAudioVisualClassification(CavMaePreTrainedModel):
             raise CavMaeInputError("classification_mode='audio' needs `input_features`.")
         if mode == VISUAL and pixel_values is None:
             raise CavMaeInputError("classification_mode='visual' needs `pixel_values`.")
-
-    @property
-    def _problem_type(self) -> str:
-        if self.config.problem_type is not None:
-            return self.config.problem_type
-        return "regression" if self.config.num_labels == 1 else "single_label_classification"
+        if input_features is None and pixel_values is None:
+            raise CavMaeInputError("Give at least one of `input_features` (audio) or `pixel_values` (frames).")
 
     def aggregate_frames(self, frame_logits: torch.Tensor) -> torch.Tensor:
         """
         `[B, F, L]` per-frame logits -> `[B, L]` logits of the frame-averaged probabilities (softmax, or sigmoid
         for multi-label); regression outputs are averaged.
         """
-        problem_type = self._problem_type
+        problem_type = self._problem_type()
         if problem_type == "regression":
             return frame_logits.mean(dim=1)
         if problem_type == "multi_label_classification":
@@ -1413,6 +1411,17 @@ class CavMaeForAudioVisualClassification(CavMaePreTrainedModel):
         log_probabilities = torch.log_softmax(frame_logits.float(), dim=-1)
         return (torch.logsumexp(log_probabilities, dim=1) - math.log(frame_logits.shape[1])).to(frame_logits.dtype)
 
+    def _problem_type(self, labels: torch.Tensor | None = None) -> str:
+        """`config.problem_type`, or what the labels (or, without labels, `num_labels`) imply, as Transformers'
+        classifiers decide it: one output is regression, integer labels single-label, float targets multi-label."""
+        if self.config.problem_type is not None:
+            return self.config.problem_type
+        if self.config.num_labels == 1:
+            return "regression"
+        if labels is None or not labels.is_floating_point() or labels.dim() == 1:
+            return "single_label_classification"
+        return "multi_label_classification"
+
     def compute_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """
         The loss of `logits` `[B, num_labels]` against `labels`, per the problem type: class indices `[B]` (or soft
@@ -1421,7 +1430,9 @@ class CavMaeForAudioVisualClassification(CavMaePreTrainedModel):
         NaN / Inf, raise a `CavMaeInputError` naming the problem rather than a loss that is silently wrong.
         """
         labels = _checked_labels(labels, logits)
-        problem_type = self._problem_type
+        problem_type = self._problem_type(labels)
+        if self.config.problem_type is None:
+            self.config.problem_type = problem_type
         if problem_type == "regression":
             return nn.functional.mse_loss(logits, _regression_targets(labels, logits).to(logits.dtype))
         if problem_type == "multi_label_classification":
