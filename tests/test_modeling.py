@@ -284,15 +284,17 @@ def test_model_outputs_and_hidden_states(tiny_config):
     assert out.audio_last_hidden_state.shape == (2, na, d) and out.visual_last_hidden_state.shape == (2, nv, d)
     assert torch.allclose(out.audio_embeds, out.audio_last_hidden_state.mean(1))
     assert torch.allclose(out.pooler_output, out.last_hidden_state.mean(1))
-    for hidden in (out.hidden_states, out.audio_hidden_states, out.visual_hidden_states):
+    audio_alone = model.get_audio_features(audio, output_hidden_states=True, output_attentions=True)
+    visual_alone = model.get_image_features(images, output_hidden_states=True, output_attentions=True)
+    for hidden in (out.hidden_states, audio_alone.hidden_states, visual_alone.hidden_states):
         assert len(hidden) == 1 + tiny_config.num_hidden_layers
-    assert len(out.attentions) == len(out.audio_attentions) == tiny_config.num_hidden_layers
+    assert len(out.attentions) == len(audio_alone.attentions) == tiny_config.num_hidden_layers
     assert out.attentions[0].shape == (2, tiny_config.num_attention_heads, na + nv, na + nv)
-    assert torch.allclose(out.audio_attentions[0].sum(-1), torch.ones(1))
+    assert torch.allclose(audio_alone.attentions[0].sum(-1), torch.ones(1))
     # the joint stream before the shared layers: the modality streams side by side, attention block-diagonal
-    assert torch.equal(out.hidden_states[1], torch.cat([out.audio_hidden_states[1], out.visual_hidden_states[1]], 1))
-    assert torch.equal(out.attentions[0][:, :, :na, :na], out.audio_attentions[0])
-    assert torch.equal(out.attentions[0][:, :, na:, na:], out.visual_attentions[0])
+    assert torch.equal(out.hidden_states[1], torch.cat([audio_alone.hidden_states[1], visual_alone.hidden_states[1]], 1))
+    assert torch.equal(out.attentions[0][:, :, :na, :na], audio_alone.attentions[0])
+    assert torch.equal(out.attentions[0][:, :, na:, na:], visual_alone.attentions[0])
     assert not out.attentions[0][:, :, :na, na:].any()
     with torch.no_grad():
         audio_features = model.get_audio_features(audio, output_hidden_states=True)

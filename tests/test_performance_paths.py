@@ -12,8 +12,7 @@ import torch
 from conftest import tiny_config_kwargs
 
 from cavmae_hf import CavMaeConfig, CavMaeForAudioVisualClassification, CavMaeForPreTraining, CavMaeModel
-from cavmae_hf import modeling_cav_mae as modeling
-from cavmae_hf.modeling_cav_mae import CavMaeMLP
+from cavmae_hf import kernels_cav_mae as kernels
 
 
 def make_inputs(config, batch_size=3):
@@ -40,11 +39,11 @@ def assert_same_gradients(expected, actual, atol):
 
 
 @pytest.fixture
-def recompute_switch():
-    """Restore the class-level switch of the backward recomputation after a test changes it."""
-    saved = CavMaeMLP.recompute_activation
+def kernels_switch():
+    """Restore the switch of the fast kernels (oneDNN products, recomputation in backward) after a test changes it."""
+    saved = kernels.ENABLED
     yield
-    CavMaeMLP.recompute_activation = saved
+    kernels.ENABLED = saved
 
 
 # sdpa vs eager -----------------------------------------------------------------------------------------------------
@@ -75,11 +74,10 @@ def test_packed_streams_equal_one_stream_at_a_time(num_shared_layers):
     config = CavMaeConfig(**tiny_config_kwargs(num_shared_layers=num_shared_layers))
     model = CavMaeModel(config).train()
     audio, images, _ = make_inputs(config)
-    a = model.encode_modality(model.embed("audio", audio), "audio")
-    v = model.encode_modality(model.embed("visual", images), "visual")
-    joint = torch.cat([a, v], dim=1)
-    packed = model.encode_shared_streams([(joint, "joint"), (a, "audio"), (v, "visual")])
-    separate = [model.encode_shared(joint, "joint"), model.encode_shared(a, "audio"), model.encode_shared(v, "visual")]
+    fields = {"joint": "last_hidden_state", "audio": "audio_last_hidden_state", "visual": "visual_last_hidden_state"}
+    packed_output = model(audio, images)  # the three streams packed into one pass through the shared layers
+    packed = [getattr(packed_output, field) for field in fields.values()]
+    separate = [getattr(model(audio, images, streams=(stream,)), field) for stream, field in fields.items()]
     for packed_stream, separate_stream in zip(packed, separate):
         assert packed_stream.shape == separate_stream.shape
         assert torch.allclose(packed_stream, separate_stream, atol=1e-6)
@@ -97,31 +95,33 @@ def test_packed_streams_keep_hidden_states_and_attentions_per_stream(tiny_config
     model = CavMaeModel(tiny_config).eval()
     audio, images, _ = make_inputs(tiny_config, 2)
     with torch.no_grad():
-        out = model(audio, images, output_hidden_states=True, output_attentions=True)
+        # the audio stream reported while packed with the other two equals the audio stream alone
+        out = model(audio, images, streams=("audio", "joint", "visual"), output_hidden_states=True, output_attentions=True)
         audio_alone = model(input_features=audio, output_hidden_states=True, output_attentions=True)
-    for packed, alone in zip(out.audio_hidden_states, audio_alone.audio_hidden_states):
+        joint = model(audio, images, output_attentions=True)
+    for packed, alone in zip(out.hidden_states, audio_alone.hidden_states, strict=True):
         assert torch.allclose(packed, alone, atol=1e-6)
-    for packed, alone in zip(out.audio_attentions, audio_alone.audio_attentions):
+    for packed, alone in zip(out.attentions, audio_alone.attentions, strict=True):
         assert torch.allclose(packed, alone, atol=1e-6)
     na, nv = tiny_config.num_audio_patches, tiny_config.num_visual_patches
-    assert out.attentions[-1].shape == (2, tiny_config.num_attention_heads, na + nv, na + nv)
+    assert joint.attentions[-1].shape == (2, tiny_config.num_attention_heads, na + nv, na + nv)
 
 
 # Recomputation in backward ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16])
-def test_recomputation_in_backward_gives_the_stored_activations_gradients(tiny_config, recompute_switch, autocast_dtype):
+def test_recomputation_in_backward_gives_the_stored_activations_gradients(tiny_config, kernels_switch, autocast_dtype):
     model = CavMaeForPreTraining(tiny_config).train()
     audio, images, noise = make_inputs(tiny_config)
-    CavMaeMLP.recompute_activation = False
+    kernels.ENABLED = False
     stored_out, stored = pretraining_gradients(model, audio, images, noise, autocast_dtype)
-    CavMaeMLP.recompute_activation = True
+    kernels.ENABLED = True
     recomputed_out, recomputed = pretraining_gradients(model, audio, images, noise, autocast_dtype)
     assert torch.equal(stored_out.loss, recomputed_out.loss)
     assert_same_gradients(stored, recomputed, atol=1e-6 if autocast_dtype is None else 1e-3)
     assert all(g.dtype == torch.float32 for g in recomputed.values())
 
 
-def test_recomputation_keeps_less_for_backward(recompute_switch):
+def test_recomputation_keeps_less_for_backward(kernels_switch):
     # MLPs four times as wide as the layers, as in the released models
     config = CavMaeConfig(**tiny_config_kwargs(intermediate_size=128, decoder_intermediate_size=64))
     model = CavMaeForPreTraining(config).train()
@@ -139,9 +139,9 @@ def test_recomputation_keeps_less_for_backward(recompute_switch):
         parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
         return sum(size for pointer, size in storages.items() if pointer not in parameters)
 
-    CavMaeMLP.recompute_activation = False
+    kernels.ENABLED = False
     stored = saved_bytes()
-    CavMaeMLP.recompute_activation = True
+    kernels.ENABLED = True
     assert saved_bytes() < 0.8 * stored
 
 
@@ -157,23 +157,16 @@ def test_hooked_or_replaced_linears_take_the_plain_path(tiny_config):
 
 
 # oneDNN products on CPU ------------------------------------------------------------------------------------------
-@pytest.fixture
-def onednn_switch():
-    saved = modeling.ONEDNN_CPU_LINEAR
-    yield
-    modeling.ONEDNN_CPU_LINEAR = saved
-
-
-@pytest.mark.skipif(modeling._ONEDNN_LINEAR is None, reason="PyTorch built without oneDNN")
-def test_onednn_linear_products_match_the_default_ones(tiny_config, onednn_switch, monkeypatch):
+@pytest.mark.skipif(kernels._ONEDNN_LINEAR is None, reason="PyTorch built without oneDNN")
+def test_onednn_linear_products_match_the_default_ones(tiny_config, kernels_switch, monkeypatch):
     model = CavMaeForPreTraining(tiny_config).train()
     audio, images, noise = make_inputs(tiny_config)
-    modeling.ONEDNN_CPU_LINEAR = False
+    kernels.ENABLED = False
     default_out, default = pretraining_gradients(model, audio, images, noise)
     calls = []
-    onednn = modeling._ONEDNN_LINEAR
-    monkeypatch.setattr(modeling, "_ONEDNN_LINEAR", lambda *args: calls.append(1) or onednn(*args))
-    modeling.ONEDNN_CPU_LINEAR = True
+    onednn = kernels._ONEDNN_LINEAR
+    monkeypatch.setattr(kernels, "_ONEDNN_LINEAR", lambda *args: calls.append(1) or onednn(*args))
+    kernels.ENABLED = True
     onednn_out, through_onednn = pretraining_gradients(model, audio, images, noise)
     # every linear layer of the encoder and decoder, forward and both backward products
     linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())

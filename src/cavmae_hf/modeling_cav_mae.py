@@ -67,14 +67,15 @@ class CavMaeModelOutput(ModelOutput):
     pooler_output (`torch.FloatTensor` of shape `(B, [F,] D)`): mean of `last_hidden_state` over tokens.
     audio_embeds (`torch.FloatTensor` of shape `(B, D)`): mean of `audio_last_hidden_state` over tokens.
     visual_embeds (`torch.FloatTensor` of shape `(B, [F,] D)`): mean of `visual_last_hidden_state` over tokens.
-    hidden_states, audio_hidden_states, visual_hidden_states (`tuple(torch.FloatTensor)`):
-        With `output_hidden_states=True`, for each stream: its embeddings and the output of every layer on its way
-        (modality-specific layers, then shared layers): `num_hidden_layers + 1` tensors. The joint stream's entries
-        before the shared layers are the audio and visual tokens side by side.
-    attentions, audio_attentions, visual_attentions (`tuple(torch.FloatTensor)`):
-        With `output_attentions=True` (eager attention is used then): the attention weights of every layer on each
-        stream's way, `(B, [F,] heads, N, N)`. In the joint stream the modality-specific layers attend within each
-        modality, so their weights are block-diagonal.
+    hidden_states (`tuple(torch.FloatTensor)`): with `output_hidden_states=True`, those of the first stream of
+        `streams` (by default the joint stream when both modalities are given, else the given modality's stream):
+        its embeddings and the output of every layer on its way (modality-specific layers, then shared layers),
+        `num_hidden_layers + 1` tensors. The joint stream's entries before the shared layers are the audio and
+        visual tokens side by side. The modality streams' own are returned by `get_audio_features` /
+        `get_image_features`.
+    attentions (`tuple(torch.FloatTensor)`): with `output_attentions=True` (eager attention is used then), the
+        attention weights `(B, [F,] heads, N, N)` of every layer on the same stream's way. In the joint stream the
+        modality-specific layers attend within each modality, so their weights are block-diagonal.
     audio_mask, visual_mask (`torch.FloatTensor` of shape `(B, all audio / visual patches)`):
         When masking: 1 for removed patches, in patch order.
     audio_ids_restore, visual_ids_restore (`torch.LongTensor` of the same shapes):
@@ -88,11 +89,7 @@ class CavMaeModelOutput(ModelOutput):
     audio_embeds: torch.FloatTensor | None = None
     visual_embeds: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    audio_hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    visual_hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
-    audio_attentions: tuple[torch.FloatTensor, ...] | None = None
-    visual_attentions: tuple[torch.FloatTensor, ...] | None = None
     audio_mask: torch.FloatTensor | None = None
     visual_mask: torch.FloatTensor | None = None
     audio_ids_restore: torch.LongTensor | None = None
@@ -842,9 +839,10 @@ class CavMaeModel(CavMaePreTrainedModel):
             visual_noise (`torch.FloatTensor` of shape `(B, num_visual_patches)`, *optional*): the same for frames.
             apply_masking (`bool`, *optional*, defaults to `False`): mask the tokens as in pretraining, with the
                 noise given or, without it, noise drawn at random (structured for audio per `audio_mask_mode`).
-            streams (`Sequence[str]`, *optional*): which streams to run through the shared layers, of `"audio"`,
-                `"visual"` and `"joint"`. Default: the modality streams of the given inputs, and the joint stream
-                when both are given. Streams not asked for are `None` in the output and cost nothing.
+            streams (`Sequence[str]`, *optional*): which streams to run through the shared layers, of `"joint"`,
+                `"audio"` and `"visual"`; `hidden_states` / `attentions` are those of the first. Default: the joint
+                stream when both modalities are given, then the modality streams of the given inputs. Streams not
+                asked for are `None` in the output and cost nothing.
             output_hidden_states / output_attentions / return_dict: as everywhere in Transformers.
         """
         output_hidden_states, output_attentions = self._resolve_output_flags(output_hidden_states, output_attentions)
@@ -859,6 +857,9 @@ class CavMaeModel(CavMaePreTrainedModel):
         if masking and num_frames is not None:
             raise CavMaeInputError("Masking takes one frame per clip: give `pixel_values` of shape (B, C, H, W).")
 
+        # hidden states and attention weights are collected for the first stream only (the one the output reports)
+        first = streams[0]
+        traced = {first} if first != JOINT else set(inputs)
         tokens, traces, outputs = {}, {}, {}
         for modality in inputs:
             embedded = self.embeddings.embed(modality, inputs[modality])
@@ -866,18 +867,17 @@ class CavMaeModel(CavMaePreTrainedModel):
                 embedded, outputs[f"{modality}_mask"], outputs[f"{modality}_ids_restore"] = self.embeddings.mask(
                     modality, embedded, noises[modality]
                 )
-            traces[modality] = _StreamTrace.start(output_hidden_states, output_attentions)
+            traces[modality] = _StreamTrace.start(
+                output_hidden_states and modality in traced, output_attentions and modality in traced
+            )
             layers = self.audio_layers if modality == AUDIO else self.visual_layers
             tokens[modality] = self._run_layers(layers, embedded, modality, traces[modality])
+        if first == JOINT:
+            traces[JOINT] = _joint_trace(traces, num_frames, output_hidden_states, output_attentions)
 
-        shared_inputs = []
-        for stream in streams:
-            if stream == JOINT:
-                traces[JOINT] = _joint_trace(traces, num_frames, output_hidden_states, output_attentions)
-                shared_inputs.append((_joint_tokens(tokens, num_frames), JOINT))
-            else:
-                shared_inputs.append((tokens[stream], stream))
-        stream_outputs = self.encode_shared_streams(shared_inputs, [traces[s] for s in streams])
+        shared_inputs = [(_joint_tokens(tokens, num_frames) if s == JOINT else tokens[s], s) for s in streams]
+        shared_traces = [traces[first]] + [_StreamTrace() for _ in streams[1:]]
+        stream_outputs = self.encode_shared_streams(shared_inputs, shared_traces)
 
         per_frame = (lambda t: t.unflatten(0, (-1, num_frames))) if num_frames is not None else (lambda t: t)
         for stream, output in zip(streams, stream_outputs):
@@ -885,7 +885,7 @@ class CavMaeModel(CavMaePreTrainedModel):
             prefix = "" if stream == JOINT else f"{stream}_"
             outputs[f"{prefix}last_hidden_state"] = reshape(output)
             outputs["pooler_output" if stream == JOINT else f"{stream}_embeds"] = reshape(output.mean(dim=1))
-            outputs[f"{prefix}hidden_states"], outputs[f"{prefix}attentions"] = traces[stream].as_tuples(reshape)
+        outputs["hidden_states"], outputs["attentions"] = traces[first].as_tuples(per_frame if first != AUDIO else None)
         return CavMaeModelOutput(**outputs)
 
     @can_return_tuple
@@ -913,8 +913,8 @@ class CavMaeModel(CavMaePreTrainedModel):
         return BaseModelOutputWithPooling(
             last_hidden_state=out.audio_last_hidden_state,
             pooler_output=out.audio_embeds,
-            hidden_states=out.audio_hidden_states,
-            attentions=out.audio_attentions,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
         )
 
     @can_return_tuple
@@ -942,8 +942,8 @@ class CavMaeModel(CavMaePreTrainedModel):
         return BaseModelOutputWithPooling(
             last_hidden_state=out.visual_last_hidden_state,
             pooler_output=out.visual_embeds,
-            hidden_states=out.visual_hidden_states,
-            attentions=out.visual_attentions,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
         )
 
     # Building blocks ------------------------------------------------------------------------------------------
@@ -987,7 +987,7 @@ class CavMaeModel(CavMaePreTrainedModel):
 
 def _checked_streams(streams, inputs: dict) -> tuple[str, ...]:
     if streams is None:
-        return tuple(inputs) + ((JOINT,) if len(inputs) == 2 else ())
+        return ((JOINT,) if len(inputs) == 2 else ()) + tuple(inputs)
     streams = tuple(streams)
     unknown = [s for s in streams if s not in STREAMS]
     if unknown or not streams or len(set(streams)) != len(streams):
@@ -1369,13 +1369,12 @@ class CavMaeForAudioVisualClassification(CavMaePreTrainedModel):
         if pixel_values is not None and pixel_values.dim() == 5:
             frame_logits, logits = logits, self.aggregate_frames(logits)
         loss = self.compute_loss(logits, labels) if labels is not None else None
-        prefix = "" if streams[0] == JOINT else f"{streams[0]}_"
         return CavMaeClassifierOutput(
             loss=loss,
             logits=logits,
             frame_logits=frame_logits,
-            hidden_states=getattr(encoded, f"{prefix}hidden_states"),
-            attentions=getattr(encoded, f"{prefix}attentions"),
+            hidden_states=encoded.hidden_states,
+            attentions=encoded.attentions,
         )
 
     @staticmethod
