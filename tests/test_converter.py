@@ -2,11 +2,12 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import FIXTURES
 
-from cavmae_hf import CavMaeForAudioVisualClassification, CavMaeForPreTraining
+from cavmae_hf import CavMaeConfig, CavMaeForAudioVisualClassification, CavMaeForPreTraining
 from cavmae_hf.convert_original_checkpoint import (
     CheckpointConversionError,
     convert_checkpoint,
@@ -53,16 +54,43 @@ def test_prefix_is_optional(tmp_path):
 def test_detects_checkpoint_kind_and_sizes():
     pretrain, finetuned = load_original_state_dict(PRETRAIN), load_original_state_dict(FINETUNED)
     assert model_class_for(finetuned) is CavMaeForAudioVisualClassification
-    config = infer_config(pretrain)
-    assert config.num_attention_heads == 1  # 64 wide: one 64-wide head by the released models' convention
+    config = infer_config(pretrain, num_attention_heads=4, decoder_num_attention_heads=4)
+    assert config.num_attention_heads == 4 and config.decoder_num_attention_heads == 4
     assert config.audio_length == 256 and config.num_modality_specific_layers == 11
+    assert config.image_size == 64 and config.num_mel_bins == 128
+
+
+def test_a_width_without_a_released_head_count_needs_the_flag(tmp_path, capsys):
+    # 64 wide: no released model has that width, and a guessed head count converts into a different model
+    with pytest.raises(CheckpointConversionError, match="--num-attention-heads"):
+        infer_config(load_original_state_dict(PRETRAIN))
+    with pytest.raises(CheckpointConversionError, match="--decoder-num-attention-heads"):
+        infer_config(load_original_state_dict(PRETRAIN), num_attention_heads=4)
+    assert main(["--checkpoint", str(PRETRAIN), "--output", str(tmp_path / "out")]) == 2
+    assert "--num-attention-heads" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_converted_directory_has_a_feature_extractor_that_fits(tmp_path):
+    from transformers import AutoFeatureExtractor, pipeline
+
+    convert_checkpoint(FINETUNED, tmp_path / "out", num_attention_heads=4)
+    extractor = AutoFeatureExtractor.from_pretrained(tmp_path / "out")
+    config = CavMaeConfig.from_pretrained(tmp_path / "out")
+    assert (extractor.image_size, extractor.max_length, extractor.num_mel_bins) == (64, 256, 128)
+    assert (config.image_size, config.audio_length, config.num_mel_bins) == (64, 256, 128)
+    classifier = pipeline("audio-visual-classification", model=str(tmp_path / "out"))
+    clip = {"audio": np.zeros(16000, dtype=np.float32) + 0.01, "sampling_rate": 16000}
+    assert len(classifier(clip, top_k=3)) == 3
 
 
 def test_label_csv_sets_id2label(tmp_path):
     labels = tmp_path / "labels.csv"
     rows = ["index,mid,display_name"] + [f'{i},/m/{i},"Label {i}"' for i in range(7)]
     labels.write_text("\n".join(rows) + "\n")
-    model, _ = convert_checkpoint(FINETUNED, tmp_path / "out", label_csv=labels, num_attention_heads=4)
+    model, _ = convert_checkpoint(
+        FINETUNED, tmp_path / "out", label_csv=labels, num_attention_heads=4, decoder_num_attention_heads=4
+    )
     assert model.config.id2label[3] == "Label 3" and model.config.label2id["Label 6"] == 6
     assert model.config.problem_type == "single_label_classification"
     reloaded = CavMaeForAudioVisualClassification.from_pretrained(tmp_path / "out")
@@ -73,7 +101,9 @@ def test_label_count_mismatch_is_refused(tmp_path):
     labels = tmp_path / "labels.csv"
     labels.write_text("index,mid,display_name\n0,/m/0,a\n")
     with pytest.raises(CheckpointConversionError, match="1 labels but the checkpoint's head has 7"):
-        convert_checkpoint(FINETUNED, tmp_path / "out", label_csv=labels, num_attention_heads=4)
+        convert_checkpoint(
+            FINETUNED, tmp_path / "out", label_csv=labels, num_attention_heads=4, decoder_num_attention_heads=4
+        )
 
 
 def test_unknown_keys_are_listed_not_dropped(tmp_path):
@@ -81,7 +111,9 @@ def test_unknown_keys_are_listed_not_dropped(tmp_path):
     state["module.extra_head.weight"] = torch.zeros(3)
     torch.save(state, tmp_path / "extra.pth")
     with pytest.raises(CheckpointConversionError, match="extra_head.weight"):
-        convert_checkpoint(tmp_path / "extra.pth", tmp_path / "out", num_attention_heads=4)
+        convert_checkpoint(
+            tmp_path / "extra.pth", tmp_path / "out", num_attention_heads=4, decoder_num_attention_heads=4
+        )
 
 
 def test_missing_keys_are_listed(tmp_path):
@@ -89,8 +121,9 @@ def test_missing_keys_are_listed(tmp_path):
     del state["module.blocks_u.0.norm1_a.weight"]
     torch.save(state, tmp_path / "missing.pth")
     with pytest.raises(CheckpointConversionError, match="shared_layers.0.layernorm_before.audio.weight"):
-        convert_checkpoint(tmp_path / "missing.pth", tmp_path / "out", num_attention_heads=4)
-
+        convert_checkpoint(
+            tmp_path / "missing.pth", tmp_path / "out", num_attention_heads=4, decoder_num_attention_heads=4
+        )
 
 
 def test_partial_checkpoint_keeps_initialisation_of_missing_weights_and_lists_both_sides(tmp_path, capsys):
@@ -100,10 +133,12 @@ def test_partial_checkpoint_keeps_initialisation_of_missing_weights_and_lists_bo
     state["module.cls_token"] = torch.zeros(1, 1, 64)
     torch.save(state, tmp_path / "partial.pth")
     with pytest.raises(CheckpointConversionError, match="missing from the checkpoint"):
-        convert_checkpoint(tmp_path / "partial.pth", tmp_path / "strict", num_attention_heads=4)
+        convert_checkpoint(
+            tmp_path / "partial.pth", tmp_path / "strict", num_attention_heads=4, decoder_num_attention_heads=4
+        )
 
     arguments = ["--checkpoint", str(tmp_path / "partial.pth"), "--output", str(tmp_path / "out")]
-    assert main([*arguments, "--num-attention-heads", "4", "--partial"]) == 0
+    assert main([*arguments, "--num-attention-heads", "4", "--decoder-num-attention-heads", "4", "--partial"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert sorted(summary["initialized_keys"]) == [
         "cav_mae.shared_layers.0.layernorm_before.audio.weight",
@@ -113,7 +148,9 @@ def test_partial_checkpoint_keeps_initialisation_of_missing_weights_and_lists_bo
     model = CavMaeForPreTraining.from_pretrained(tmp_path / "out")
     weights = model.state_dict()
     assert torch.equal(weights["cav_mae.shared_layers.0.layernorm_before.audio.weight"], torch.ones(64))
-    assert torch.equal(weights["decoder.audio_prediction.bias"], torch.zeros_like(weights["decoder.audio_prediction.bias"]))
+    assert torch.equal(
+        weights["decoder.audio_prediction.bias"], torch.zeros_like(weights["decoder.audio_prediction.bias"])
+    )
     original = state["module.blocks_a.1.mlp.fc1.weight"]
     assert torch.equal(weights["cav_mae.audio_layers.1.mlp.fc1.weight"], original)
 
@@ -123,21 +160,26 @@ def test_partial_checkpoint_still_refuses_shape_mismatches(tmp_path):
     state["module.blocks_a.2.mlp.fc1.weight"] = torch.zeros(128, 64)
     torch.save(state, tmp_path / "shape.pth")
     with pytest.raises(CheckpointConversionError, match="shape mismatches"):
-        convert_checkpoint(tmp_path / "shape.pth", tmp_path / "out", num_attention_heads=4, partial=True)
+        convert_checkpoint(
+            tmp_path / "shape.pth", tmp_path / "out", num_attention_heads=4, decoder_num_attention_heads=4, partial=True
+        )
+
 
 def test_shape_mismatch_is_listed(tmp_path):
     state = torch.load(PRETRAIN, weights_only=True)
     state["module.blocks_a.2.mlp.fc1.weight"] = torch.zeros(128, 64)
     torch.save(state, tmp_path / "shape.pth")
     with pytest.raises(CheckpointConversionError, match="shape mismatches"):
-        convert_checkpoint(tmp_path / "shape.pth", tmp_path / "out", num_attention_heads=4)
+        convert_checkpoint(
+            tmp_path / "shape.pth", tmp_path / "out", num_attention_heads=4, decoder_num_attention_heads=4
+        )
 
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", None])
 def test_files_that_are_not_checkpoints_give_a_clear_error(tmp_path, content, capsys):
     path = tmp_path / "broken.pth"
     if content is None:  # truncated real checkpoint
-        path.write_bytes(PRETRAIN.read_bytes()[: 100_000])
+        path.write_bytes(PRETRAIN.read_bytes()[:100_000])
     else:
         path.write_bytes(content)
     assert main(["--checkpoint", str(path), "--output", str(tmp_path / "out")]) == 2

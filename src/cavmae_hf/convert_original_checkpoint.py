@@ -209,6 +209,24 @@ def _shape(state_dict: dict, key: str, rank: int | None = None):
     return shape
 
 
+# Head counts of the released checkpoints by width (not stored in the weights).
+RELEASED_HEADS = {768: 12}
+RELEASED_DECODER_HEADS = {512: 16}
+
+
+def _head_count(width: int, given: int | None, released: dict[int, int], option: str) -> int:
+    if given is not None:
+        return given
+    if width in released:
+        return released[width]
+    python_name = option.replace("-", "_")
+    raise CheckpointConversionError(
+        f"The checkpoint's {'decoder ' if 'decoder' in option else ''}layers are {width} wide, not a released width "
+        f"({', '.join(f'{w}: {h} heads' for w, h in released.items())}), and the number of attention heads is not "
+        f"stored in the weights: give it with --{option} (convert_checkpoint({python_name}=...))."
+    )
+
+
 def infer_config(
     state_dict: dict,
     num_mel_bins: int = 128,
@@ -217,8 +235,9 @@ def infer_config(
     **overrides,
 ) -> CavMaeConfig:
     """
-    A `CavMaeConfig` read off the tensor shapes. Head counts are not visible in the weights: by default they
-    follow the released models (64-wide heads in the encoder, 32-wide in the decoder: 12 and 16 at ViT-B size).
+    A `CavMaeConfig` read off the tensor shapes. Head counts are not visible in the weights: for the released widths
+    they are the released models' (768: 12 heads, decoder 512: 16); any other width needs them given, else a
+    `CheckpointConversionError` names the option (a guessed count would convert into a different model).
     """
     hidden_size, num_channels, patch_size, _ = _shape(state_dict, "patch_embed_v.proj.weight", rank=4)
     num_audio_patches = _shape(state_dict, "pos_embed_a", rank=3)[1]
@@ -240,7 +259,7 @@ def infer_config(
     first_layer = "blocks_a.0" if specific_layers else "blocks_u.0"
     config = dict(
         hidden_size=hidden_size,
-        num_attention_heads=num_attention_heads or max(1, hidden_size // 64),
+        num_attention_heads=_head_count(hidden_size, num_attention_heads, RELEASED_HEADS, "num-attention-heads"),
         intermediate_size=_shape(state_dict, f"{first_layer}.mlp.fc1.weight", rank=2)[0],
         num_modality_specific_layers=specific_layers,
         num_shared_layers=shared_layers,
@@ -255,7 +274,9 @@ def infer_config(
         config.update(
             decoder_hidden_size=decoder_size,
             decoder_num_hidden_layers=_count_layers(state_dict, "decoder_blocks"),
-            decoder_num_attention_heads=decoder_num_attention_heads or max(1, decoder_size // 32),
+            decoder_num_attention_heads=_head_count(
+                decoder_size, decoder_num_attention_heads, RELEASED_DECODER_HEADS, "decoder-num-attention-heads"
+            ),
             decoder_intermediate_size=_shape(state_dict, "decoder_blocks.0.mlp.fc1.weight", rank=2)[0],
         )
     if "mlp_head.1.weight" in state_dict:
@@ -405,7 +426,7 @@ def convert_checkpoint(
     model, mapping = convert_state_dict(original, config, model_class, partial=partial)
     output_dir = Path(output_dir)
     model.save_pretrained(output_dir)
-    CavMaeFeatureExtractor(max_length=config.audio_length, num_mel_bins=config.num_mel_bins).save_pretrained(output_dir)
+    CavMaeFeatureExtractor.from_model_config(config).save_pretrained(output_dir)
     _write_model_card(output_dir, model, source_name or Path(checkpoint).name)
     return model, mapping
 
@@ -435,8 +456,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="directory to write")
     parser.add_argument("--label-csv", help="CSV with index,mid,display_name for id2label (AudioSet's ships)")
     parser.add_argument("--num-mel-bins", type=_positive_int, default=128)
-    parser.add_argument("--num-attention-heads", type=_positive_int, help="encoder heads (default: hidden_size / 64)")
-    parser.add_argument("--decoder-num-attention-heads", type=_positive_int, help="decoder heads (default: width / 32)")
+    parser.add_argument(
+        "--num-attention-heads", type=_positive_int, help="encoder heads (default: 12 for the released 768-wide models)"
+    )
+    parser.add_argument(
+        "--decoder-num-attention-heads",
+        type=_positive_int,
+        help="decoder heads (default: 16 for the released 512-wide decoders)",
+    )
     parser.add_argument(
         "--classification-mode",
         choices=("multimodal", "audio", "visual"),

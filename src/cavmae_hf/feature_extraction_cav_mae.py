@@ -488,6 +488,13 @@ class CavMaeFeatureExtractor(FeatureExtractionMixin):
         self.image_std = list(image_std)
         self.return_attention_mask = return_attention_mask
 
+    @classmethod
+    def from_model_config(cls, config, **kwargs) -> "CavMaeFeatureExtractor":
+        """The extractor whose outputs fit a CAV-MAE model of `config` (`audio_length` frames of `num_mel_bins`
+        bins, `image_size` frames); the reference's other settings unless given in `kwargs`."""
+        sizes = dict(max_length=config.audio_length, num_mel_bins=config.num_mel_bins, image_size=config.image_size)
+        return cls(**{**sizes, **kwargs})
+
     def __call__(
         self,
         audio=None,

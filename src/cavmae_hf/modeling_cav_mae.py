@@ -17,11 +17,14 @@ from transformers.utils.generic import can_return_tuple
 
 from .kernels_cav_mae import gelu_linear, layer_norm_linear, linear_layer
 from .configuration_cav_mae import CavMaeConfig, CavMaeError
+from .feature_extraction_cav_mae import CavMaeFeatureExtractor
 
 logger = logging.get_logger(__name__)
 
 AUDIO, VISUAL, JOINT = "audio", "visual", "joint"
 STREAMS = (AUDIO, VISUAL, JOINT)
+
+FEATURE_EXTRACTOR_FILE = "preprocessor_config.json"
 
 REMOTE_CODE_AUTO_MAP = {
     "AutoConfig": "configuration_cav_mae.CavMaeConfig",
@@ -671,6 +674,7 @@ class CavMaePreTrainedModel(PreTrainedModel):
         result = super().save_pretrained(save_directory, *args, **kwargs)
         if self._auto_class is not None:
             _copy_remote_pipeline_code(save_directory)
+        _save_fitting_feature_extractor(self.config, save_directory)
         return result
 
 
@@ -691,6 +695,15 @@ REMOTE_CODE_PIPELINES = {
         "type": "multimodal",
     },
 }
+
+
+def _save_fitting_feature_extractor(config: CavMaeConfig, save_directory):
+    """A `preprocessor_config.json` that fits the model, unless the directory has one (e.g. the `processing_class` a
+    `Trainer` saves next to it), so that `AutoFeatureExtractor.from_pretrained` works on every saved model."""
+    from pathlib import Path
+
+    if not (Path(save_directory) / FEATURE_EXTRACTOR_FILE).is_file():
+        CavMaeFeatureExtractor.from_model_config(config).save_pretrained(save_directory)
 
 
 def _copy_remote_pipeline_code(save_directory):
