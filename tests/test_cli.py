@@ -259,7 +259,14 @@ def test_reconstruct_errors(workspace, capsys):
 # ----------------------------------------------------------------------------------------------------------------
 def test_convert(tmp_path, capsys):
     code, out, _ = run_cli(
-        ["convert", "--checkpoint", FIXTURES / "original" / "tiny_pretrain.pth", "--output", tmp_path / "converted"],
+        [
+            "convert",
+            "--checkpoint",
+            FIXTURES / "original" / "tiny_pretrain.pth",
+            "--output",
+            tmp_path / "converted",
+            *("--num-attention-heads", "4", "--decoder-num-attention-heads", "4"),
+        ],
         capsys,
     )
     assert code == 0 and json.loads(out)["model_class"] == "CavMaeForPreTraining"

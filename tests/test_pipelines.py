@@ -263,8 +263,8 @@ def test_feature_extraction_matches_the_model(extractor, media_dir):
     )
     model = extractor.model
     with torch.no_grad():
-        audio = model.get_audio_features(features["input_features"])[0]
-        frames = model.get_image_features(features["pixel_values"][0])
+        audio = model.get_audio_features(features["input_features"]).pooler_output[0]
+        frames = model.get_image_features(features["pixel_values"][0]).pooler_output
         joint = torch.stack(
             [
                 model(

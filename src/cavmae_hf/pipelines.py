@@ -37,10 +37,18 @@ from transformers.pipelines.base import Pipeline
 from transformers.pipelines.pt_utils import PipelineDataset, PipelineIterator
 from transformers.utils import logging
 
-from . import media
+from .media import (
+    DEFAULT_AUDIO_SECONDS,
+    DEFAULT_SAMPLING_RATE,
+    MediaError,
+    load_audio,
+    load_video,
+    probe_streams,
+    resample,
+)
 from .configuration_cav_mae import CavMaeError
 from .feature_extraction_cav_mae import CavMaeFeatureExtractionError, CavMaeFeatureExtractor
-from .modeling_cav_mae import AUDIO, JOINT, VISUAL, CavMaeInputError, validate_inputs
+from .modeling_cav_mae import AUDIO, VISUAL, CavMaeInputError
 
 logger = logging.get_logger(__name__)
 
@@ -84,8 +92,8 @@ class Clip:
 def load_clip(
     source,
     num_frames: int = DEFAULT_NUM_FRAMES,
-    sampling_rate: int = media.DEFAULT_SAMPLING_RATE,
-    audio_seconds: float | None = media.DEFAULT_AUDIO_SECONDS,
+    sampling_rate: int = DEFAULT_SAMPLING_RATE,
+    audio_seconds: float | None = DEFAULT_AUDIO_SECONDS,
     video_options: dict | None = None,
 ) -> Clip:
     """
@@ -97,6 +105,9 @@ def load_clip(
       gives frames only, with a warning);
     - a dict `{"audio": waveform, "sampling_rate": int, "frames": [images]}` (either modality may be missing;
       `"array"` / `"raw"` are accepted for `"audio"`, `"images"` for `"frames"`), resampled to `sampling_rate`;
+    - a waveform (numpy array or torch tensor, `[samples]` or `[channels, samples]`), taken to be at
+      `sampling_rate` (as `AudioClassificationPipeline` takes raw arrays; give a dict to state another rate);
+    - a PIL image: one frame;
     - a [`Clip`] (resampled if needed).
 
     Files are decoded only as far as needed: `audio_seconds` of audio (None: all of it) and the frames sampled from
@@ -115,15 +126,25 @@ def load_clip(
         return _load_path(Path(source), num_frames, sampling_rate, audio_seconds, video_options)
     elif isinstance(source, dict):
         clip = _clip_from_dict(source)
+    elif isinstance(source, (np.ndarray, torch.Tensor)):
+        clip = Clip(audio=_waveform(source), sampling_rate=sampling_rate)
+    elif _is_pil_image(source):
+        clip = Clip(frames=[source])
     else:
         raise CavMaeInputError(
-            "Expected a file path, a dict with 'audio'/'sampling_rate'/'frames', or a Clip; "
-            f"got {type(source).__name__}."
+            "Expected a file path, a waveform array, a PIL image, a dict with 'audio'/'sampling_rate'/'frames', or a "
+            f"Clip; got {type(source).__name__}."
         )
     if clip.audio is not None and clip.sampling_rate != sampling_rate:
         audio = _channels_first(_pcm_to_float(clip.audio))
-        clip = Clip(media.resample(audio, clip.sampling_rate, sampling_rate), sampling_rate, clip.frames, clip.source)
+        clip = Clip(resample(audio, clip.sampling_rate, sampling_rate), sampling_rate, clip.frames, clip.source)
     return clip
+
+
+def _is_pil_image(value) -> bool:
+    from PIL import Image
+
+    return isinstance(value, Image.Image)
 
 
 def audio_seconds_for(feature_extractor) -> float:
@@ -132,7 +153,7 @@ def audio_seconds_for(feature_extractor) -> float:
     frame_shift = getattr(feature_extractor, "frame_shift_ms", 10.0) / 1000.0
     frame_length = getattr(feature_extractor, "frame_length_ms", 25.0) / 1000.0
     needed = (feature_extractor.max_length - 1) * frame_shift + frame_length
-    return max(media.DEFAULT_AUDIO_SECONDS, math.ceil(needed * 100) / 100)
+    return max(DEFAULT_AUDIO_SECONDS, math.ceil(needed * 100) / 100)
 
 
 def _pcm_to_float(audio: np.ndarray) -> np.ndarray:
@@ -161,15 +182,15 @@ def _load_path(path: Path, num_frames: int, sampling_rate: int, audio_seconds, v
     if suffix in IMAGE_EXTENSIONS:
         return Clip(frames=[_load_image(path)], source=str(path))
     if suffix in AUDIO_EXTENSIONS:
-        audio, rate = media.load_audio(path, sampling_rate=sampling_rate, max_seconds=audio_seconds)
+        audio, rate = load_audio(path, sampling_rate=sampling_rate, max_seconds=audio_seconds)
         return Clip(audio=audio, sampling_rate=rate, source=str(path))
     has_audio, has_video = _probe_streams(path)
     if not has_video:
-        audio, rate = media.load_audio(path, sampling_rate=sampling_rate, max_seconds=audio_seconds)
+        audio, rate = load_audio(path, sampling_rate=sampling_rate, max_seconds=audio_seconds)
         return Clip(audio=audio, sampling_rate=rate, source=str(path))
     if not has_audio:
         logger.warning(f"{path} has no audio stream: only its frames are used.")
-    video = media.load_video(
+    video = load_video(
         path,
         num_frames=num_frames,
         sampling_rate=sampling_rate,
@@ -183,18 +204,18 @@ def _load_path(path: Path, num_frames: int, sampling_rate: int, audio_seconds, v
 def _check_file(path: Path):
     """The errors `cavmae_hf.media` gives for paths that are no file at all, before any decoder sees them."""
     if not path.exists():
-        raise media.MediaError(f"File not found: {path}")
+        raise MediaError(f"File not found: {path}")
     if path.is_dir():
-        raise media.MediaError(f"{path} is a directory, not a media file.")
+        raise MediaError(f"{path} is a directory, not a media file.")
     if path.stat().st_size == 0:
-        raise media.MediaError(f"{path} is empty (0 bytes).")
+        raise MediaError(f"{path} is empty (0 bytes).")
 
 
 def _probe_streams(path: Path) -> tuple[bool, bool]:
     """(has an audio stream, has a video stream), reading only the header; an mp4 whose cut-off index hides a
     stream is refused as truncated rather than taken for a silent (or audio-only) file."""
     _check_file(path)
-    return media.probe_streams(path)
+    return probe_streams(path)
 
 
 def _load_image(path: Path):
@@ -210,7 +231,7 @@ def _load_image(path: Path):
             image.load()
             upright = ImageOps.exif_transpose(image)  # a loaded copy, turned as the EXIF orientation tag says
     except (OSError, ValueError, Image.DecompressionBombError) as error:  # PIL's errors for unreadable images
-        raise media.MediaError(f"{path} is not a readable image ({error}).") from None
+        raise MediaError(f"{path} is not a readable image ({error}).") from None
     return CavMaeFeatureExtractor._to_pil(upright)
 
 
@@ -303,13 +324,6 @@ def _naming(source: str | None):
         raise type(error)(f"{source}: {error}") from None
 
 
-def feature_extractor_for(config) -> CavMaeFeatureExtractor:
-    """A [`CavMaeFeatureExtractor`] matching the input sizes of a CAV-MAE `config` (for models saved without one)."""
-    return CavMaeFeatureExtractor(
-        num_mel_bins=config.num_mel_bins, max_length=config.audio_length, image_size=config.image_size
-    )
-
-
 def load_feature_extractor(model_dir, config) -> CavMaeFeatureExtractor:
     """The feature extractor saved in `model_dir` (a local directory), else one built from `config`.
 
@@ -321,7 +335,7 @@ def load_feature_extractor(model_dir, config) -> CavMaeFeatureExtractor:
 
     path = Path(model_dir) / "preprocessor_config.json"
     if not path.is_file():
-        return feature_extractor_for(config)
+        return CavMaeFeatureExtractor.from_model_config(config)
     try:
         extractor = AutoFeatureExtractor.from_pretrained(model_dir)
     except (OSError, ValueError, TypeError, KeyError) as error:
@@ -551,7 +565,7 @@ class _CavMaePipeline(Pipeline):
             if saved.is_dir():
                 self.feature_extractor = load_feature_extractor(saved, self.model.config)
             else:
-                self.feature_extractor = feature_extractor_for(self.model.config)
+                self.feature_extractor = CavMaeFeatureExtractor.from_model_config(self.model.config)
         self._check_feature_extractor()
 
     def _check_feature_extractor(self):
@@ -661,8 +675,9 @@ class AudioVisualClassificationPipeline(_CavMaePipeline):
     """
     Audio-visual classification with [`CavMaeForAudioVisualClassification`].
 
-    Inputs: a path to a video (its audio track and `num_frames` frames), an audio file, an image, a dict
-    `{"audio": waveform, "sampling_rate": int, "frames": [images]}` (either may be missing), or a list of those.
+    Inputs: a path to a video (its audio track and `num_frames` frames), an audio file, an image, a waveform array
+    (at the feature extractor's sampling rate), a PIL image, a dict `{"audio": waveform, "sampling_rate": int,
+    "frames": [images]}` (either may be missing), or a list of those.
     With several frames the per-frame probabilities are averaged; the audio encoder runs once per clip.
 
     Scores are sigmoid probabilities for multi-label models (`config.problem_type ==
@@ -739,7 +754,7 @@ def encode_clips(
     encoder, input_features=None, pixel_values=None, output_token_states: bool = False
 ) -> dict[str, torch.Tensor]:
     """
-    Embeddings of a batch of clips from a [`CavMaeModel`] (`encoder`), with the audio encoded once per clip.
+    Embeddings of a batch of clips from a [`CavMaeModel`] (`encoder`), which encodes the audio once per clip.
 
     Args:
         input_features: `[B, T, F]` or None.
@@ -752,31 +767,21 @@ def encode_clips(
         With `output_token_states`: `audio_last_hidden_state` `[B, Na, D]`, `visual_last_hidden_state`
         `[B, Fr, Nv, D]` and (both modalities) `last_hidden_state` `[B, Fr, Na + Nv, D]`.
     """
-    validate_inputs(encoder.config, input_features, pixel_values, allow_frames=True)
+    if pixel_values is not None and pixel_values.dim() == 4:
+        pixel_values = pixel_values.unsqueeze(1)
+    encoded = encoder(input_features=input_features, pixel_values=pixel_values)
     outputs = {}
-    audio = visual = None
     if input_features is not None:
-        audio = encoder.encode_modality(encoder.embed(AUDIO, input_features), AUDIO)
-        audio_stream = encoder.encode_shared(audio, AUDIO)
-        outputs["audio_embeds"] = audio_stream.mean(dim=1)
-        if output_token_states:
-            outputs["audio_last_hidden_state"] = audio_stream
+        outputs["audio_embeds"] = encoded.audio_embeds
     if pixel_values is not None:
-        if pixel_values.dim() == 4:
-            pixel_values = pixel_values.unsqueeze(1)
-        batch_size, num_frames = pixel_values.shape[:2]
-        visual = encoder.encode_modality(encoder.embed(VISUAL, pixel_values.flatten(0, 1)), VISUAL)
-        visual_stream = encoder.encode_shared(visual, VISUAL)
-        outputs["frame_embeds"] = visual_stream.mean(dim=1).unflatten(0, (batch_size, num_frames))
-        outputs["visual_embeds"] = outputs["frame_embeds"].mean(dim=1)
-        if output_token_states:
-            outputs["visual_last_hidden_state"] = visual_stream.unflatten(0, (batch_size, num_frames))
-    if audio is not None and visual is not None:
-        joint = torch.cat([audio.repeat_interleave(num_frames, dim=0), visual], dim=1)
-        joint_stream = encoder.encode_shared(joint, JOINT).unflatten(0, (batch_size, num_frames))
-        outputs["joint_embeds"] = joint_stream.mean(dim=2).mean(dim=1)
-        if output_token_states:
-            outputs["last_hidden_state"] = joint_stream
+        outputs["frame_embeds"] = encoded.visual_embeds
+        outputs["visual_embeds"] = encoded.visual_embeds.mean(dim=1)
+    if encoded.pooler_output is not None:
+        outputs["joint_embeds"] = encoded.pooler_output.mean(dim=1)
+    if output_token_states:
+        for name in ("audio_last_hidden_state", "visual_last_hidden_state", "last_hidden_state"):
+            if getattr(encoded, name) is not None:
+                outputs[name] = getattr(encoded, name)
     return outputs
 
 

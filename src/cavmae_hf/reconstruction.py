@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
-from .feature_extraction_cav_mae import IMAGENET_MEAN, IMAGENET_STD
+from .feature_extraction_cav_mae import IMAGENET_MEAN, IMAGENET_STD, CavMaeFeatureExtractor
 from .modeling_cav_mae import (
     CavMaeInputError,
     patchify,
@@ -36,7 +36,7 @@ from .modeling_cav_mae import (
     structured_audio_noise,
     unpatchify,
 )
-from .pipelines import DEFAULT_NUM_FRAMES, audio_seconds_for, clip_features, feature_extractor_for, load_clip
+from .pipelines import DEFAULT_NUM_FRAMES, audio_seconds_for, clip_features, load_clip
 
 logger = logging.get_logger(__name__)
 
@@ -240,7 +240,7 @@ def reconstruct_clip(
     The frame shown is `frame_index` of the `num_frames` sampled uniformly (default: the middle one, as the
     reference's inpainting used frame 5 of 10). `kwargs` go to [`reconstruct`].
     """
-    feature_extractor = feature_extractor or feature_extractor_for(model.config)
+    feature_extractor = feature_extractor or CavMaeFeatureExtractor.from_model_config(model.config)
     clip = load_clip(
         source,
         num_frames=num_frames,
