@@ -67,7 +67,7 @@ logger = logging.get_logger(__name__)
 
 LOSS_COMPONENTS = ("mae_loss", "audio_mae_loss", "visual_mae_loss", "contrastive_loss", "contrastive_accuracy")
 HEAD_PREFIX = "classifier."
-CLASSIFIER_OUTPUTS_NOT_GATHERED = ["frame_logits", "pooled_output"]
+CLASSIFIER_OUTPUTS_NOT_GATHERED = ["frame_logits"]
 WEIGHT_AVERAGE_FILE = "weight_average.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
 CHECKPOINT_PATTERN = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
@@ -996,14 +996,14 @@ def retrieval_embeddings(
         loader = tqdm(loader, desc="Embedding clips", unit="batch")
     audio, visual = [], []
     for batch in loader:
-        input_features = batch["input_features"].to(device)
-        pixel_values = batch["pixel_values"].to(device)
-        audio.append(encoder.get_audio_features(input_features).float().cpu())
-        if pixel_values.dim() == 5:
-            frames = encoder.get_image_features(pixel_values.flatten(0, 1)).float().cpu()
-            visual.append(frames.unflatten(0, pixel_values.shape[:2]).mean(dim=1))
-        else:
-            visual.append(encoder.get_image_features(pixel_values).float().cpu())
+        encoded = encoder(
+            input_features=batch["input_features"].to(device),
+            pixel_values=batch["pixel_values"].to(device),
+            streams=("audio", "visual"),
+        )
+        visual_embeds = encoded.visual_embeds
+        audio.append(encoded.audio_embeds.float().cpu())
+        visual.append((visual_embeds.mean(dim=1) if visual_embeds.dim() == 3 else visual_embeds).float().cpu())
     encoder.train(was_training)
     return torch.cat(audio), torch.cat(visual)
 
