@@ -807,8 +807,8 @@ class CavMaeModel(CavMaePreTrainedModel):
     masking happens here too (`apply_masking`, `audio_noise` / `visual_noise`).
     """
 
-    # a pretraining checkpoint loads into the encoder without its decoder being reported
-    _keys_to_ignore_on_load_unexpected = [r"^decoder\."]
+    # a pretraining or classification checkpoint loads into the encoder without its decoder / head being reported
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^classifier\."]
 
     def __init__(self, config: CavMaeConfig):
         super().__init__(config)
