@@ -655,7 +655,7 @@ def test_converter_file_and_option_errors(tmp_path):
     assert exit_.value.code == 2 and "must be at least 1, got 0" in err.getvalue()
     (tmp_path / "file").write_text("x")
     with pytest.raises(CheckpointConversionError, match="is a file; give a directory"):
-        convert_checkpoint(PRETRAIN, tmp_path / "file", num_attention_heads=4)
+        convert_checkpoint(PRETRAIN, tmp_path / "file", num_attention_heads=4, decoder_num_attention_heads=4)
 
 
 def test_converter_accepts_legitimate_variants(tmp_path, original):

@@ -138,7 +138,7 @@ def test_every_torch_load_is_weights_only(tmp_path, monkeypatch):
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(torch, "load", recording_load)
-    convert_checkpoint(PRETRAIN, tmp_path / "converted", num_attention_heads=4)
+    convert_checkpoint(PRETRAIN, tmp_path / "converted", num_attention_heads=4, decoder_num_attention_heads=4)
     folder = save_tiny_classifier(tmp_path / "bin")
     model = CavMaeForAudioVisualClassification.from_pretrained(folder)
     (folder / "model.safetensors").unlink()
@@ -171,7 +171,7 @@ def test_everything_the_package_writes_is_safe_to_open(tmp_path, capsys):
     for model_class in (CavMaeModel, CavMaeForPreTraining, CavMaeForAudioVisualClassification):
         model_class(config).save_pretrained(tmp_path / "saved" / model_class.__name__)
     CavMaeFeatureExtractor().save_pretrained(tmp_path / "saved" / "feature_extractor")
-    convert_checkpoint(PRETRAIN, tmp_path / "converted" / "pretrain", num_attention_heads=4)
+    convert_checkpoint(PRETRAIN, tmp_path / "converted" / "pretrain", num_attention_heads=4, decoder_num_attention_heads=4)
     convert_checkpoint(FINETUNED, tmp_path / "converted" / "finetuned", num_attention_heads=4)
     models = tmp_path / "models"
     save_tiny_classifier(models / "classifier")
