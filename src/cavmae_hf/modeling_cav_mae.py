@@ -914,21 +914,7 @@ class CavMaeModel(CavMaePreTrainedModel):
         `get_*_features`: `last_hidden_state` `(B, Na, D)`, `pooler_output` `(B, D)` (the mean-pooled audio
         embedding used for retrieval), and with the flags `hidden_states` / `attentions`.
         """
-        if input_features is None:
-            raise CavMaeInputError("get_audio_features needs `input_features`.")
-        out = self.forward(
-            input_features=input_features,
-            streams=(AUDIO,),
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
-            return_dict=True,
-        )
-        return BaseModelOutputWithPooling(
-            last_hidden_state=out.audio_last_hidden_state,
-            pooler_output=out.audio_embeds,
-            hidden_states=out.hidden_states,
-            attentions=out.attentions,
-        )
+        return self._stream_features(AUDIO, input_features, output_hidden_states, output_attentions)
 
     @can_return_tuple
     def get_image_features(
@@ -943,18 +929,22 @@ class CavMaeModel(CavMaePreTrainedModel):
         `pooler_output` `(B, [F,] D)` (the mean-pooled visual embedding of each frame, used for retrieval), and with
         the flags `hidden_states` / `attentions`.
         """
-        if pixel_values is None:
-            raise CavMaeInputError("get_image_features needs `pixel_values`.")
+        return self._stream_features(VISUAL, pixel_values, output_hidden_states, output_attentions)
+
+    def _stream_features(self, modality: str, inputs, output_hidden_states, output_attentions):
+        name = "input_features" if modality == AUDIO else "pixel_values"
+        if inputs is None:
+            raise CavMaeInputError(f"get_{'audio' if modality == AUDIO else 'image'}_features needs `{name}`.")
         out = self.forward(
-            pixel_values=pixel_values,
-            streams=(VISUAL,),
+            **{name: inputs},
+            streams=(modality,),
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
             return_dict=True,
         )
         return BaseModelOutputWithPooling(
-            last_hidden_state=out.visual_last_hidden_state,
-            pooler_output=out.visual_embeds,
+            last_hidden_state=getattr(out, f"{modality}_last_hidden_state"),
+            pooler_output=getattr(out, f"{modality}_embeds"),
             hidden_states=out.hidden_states,
             attentions=out.attentions,
         )
