@@ -241,6 +241,7 @@ def written(tmp_path_factory):
             "colorprim=bt709:transfer=bt709:colormatrix=bt709:fullrange=on",
             full_range=True,
         ),
+        "cfr_keyframe_every_7": write_timed_video(folder / "cfr_gop_7.mp4", constant_rate_times(300, 30), 7),
         "vfr_one_gop": write_timed_video(folder / "vfr_one_gop.mp4", VFR_TIMES, 250),
         "vfr_gop_12": write_timed_video(folder / "vfr_gop_12.mp4", VFR_TIMES, 12),
     }
@@ -252,7 +253,7 @@ def written(tmp_path_factory):
 
 
 SAME_AS_THE_SCRIPT = (
-    "short_3s", "ntsc_11s", "webm", "mkv_with_audio", "bt709", "bt709_full_range", "vfr_one_gop",
+    "short_3s", "ntsc_11s", "webm", "mkv_with_audio", "bt709", "bt709_full_range", "cfr_keyframe_every_7", "vfr_one_gop",
     "rotated_90", "rotated_180", "rotated_270",
 )  # fmt: skip
 
@@ -261,8 +262,9 @@ SAME_AS_THE_SCRIPT = (
 def test_the_scripts_jpegs_from_written_files(opencv, written, name):
     """Rotated (OpenCV turns frames upright as we do), BT.709 in limited and full range (OpenCV 5.0 and PyAV convert
     with the same matrix), short files, fractional rates, containers without a frame count (webm, mkv: OpenCV's
-    count from the container's duration, where the audio may run longer) and a variable-frame-rate file whose frames
-    are all in one GOP: the default gives the script's JPEGs byte for byte."""
+    count from the container's duration, where the audio may run longer), a constant rate with a keyframe every 7
+    frames (OpenCV's seeks start from many keyframes) and a variable-frame-rate file whose frames are all in one GOP:
+    the default gives the script's JPEGs byte for byte."""
     path = written[name]
     clip = media.load_video(path, load_audio=False)
     expected = [script_jpeg(frame) for frame in opencv_frames(path)]

@@ -559,8 +559,11 @@ def load_video(
         audio_seconds: how much audio to decode (default: what the model's 1024 fbank frames use; None: all).
         channel: audio channel to keep (0, the reference's choice) or `"mean"`.
         frame_selection: `"decode_order"` (default): frame `max(int(i * total / num_frames) - 1, 0)` counted in
-            decode order, `total = min(frame count, int(fps * 10))` with OpenCV's frame count and fps (see
-            `opencv_frame_indices`), the frames the reference's OpenCV seek read in a constant-frame-rate file.
+            decode order (`opencv_frame_indices`), `total = min(frame count, int(fps * 10))` with OpenCV's frame
+            count and fps, not FFmpeg's: the count the container declares, else `floor(duration * fps + 0.5)` with
+            the container's duration (which may be the audio's), and the average frame rate. These are the frames
+            the reference's OpenCV seek read in a constant-frame-rate file; in a variable-frame-rate file OpenCV
+            counts on from the timestamp of the keyframe it seeks to, which differs once a keyframe is passed.
             `"timestamp"`: the frame shown at `int(i * total / num_frames) / fps`, uniform in time also when the
             frame rate varies (phone videos, screen recordings), and not one frame early.
         frame_transform: `"reference_jpeg"` (default): each frame as `reference_frame` makes it, 224 x 224 after a
