@@ -302,3 +302,24 @@ def test_feature_extraction_uses_the_encoder_of_a_classifier(multi_label_dir, me
     assert isinstance(extractor.model, CavMaeForAudioVisualClassification)
     assert extractor.encoder is extractor.model.cav_mae
     assert len(extractor(str(media_dir / "a.mp4"))["audio_embeds"]) == 32
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"frame_transform": "none"}, {"frame_selection": "timestamp", "audio_precision": "float32"}],
+    ids=["no reference JPEG", "timestamp frames, float audio"],
+)
+def test_video_options_reach_the_decoder(extractor, media_dir, options):
+    video = media_dir / "a.mp4"
+    default = extractor(str(video), return_tensors=True)
+    chosen = extractor(str(video), return_tensors=True, **options)
+    clip = load_video(video, num_frames=NUM_FRAMES, **options)
+    features = extractor.feature_extractor(
+        audio=clip.audio, images=[clip.frames], sampling_rate=SAMPLING_RATE, return_tensors="pt"
+    )
+    with torch.no_grad():
+        expected = extractor.model.get_image_features(features["pixel_values"][0]).pooler_output
+    torch.testing.assert_close(chosen["frame_embeds"], expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(chosen["frame_embeds"], default["frame_embeds"], atol=1e-6)
+    with pytest.raises(ValueError, match="frame_transform must be one of"):
+        extractor(str(video), frame_transform="bicubic")

@@ -16,9 +16,11 @@ classifier(["a.mp4", "b.mp4"], batch_size=2)
 ```
 
 Files are decoded with [`cavmae_hf.media`]: a video gives its 16 kHz mono audio track and `num_frames` frames
-sampled uniformly over its first 10 s (as the reference prepared its data). Several frames of one clip are
-classified together: the audio's modality-specific layers run once per clip, only the visual and shared layers run
-per frame, and the per-frame probabilities are averaged (see `CavMaeForAudioVisualClassification`).
+sampled uniformly over its first 10 s, exactly as the reference's preprocessing scripts extracted them
+(`frame_selection=`, `frame_transform=` and `audio_precision=` of a call choose `load_video`'s alternatives).
+Several frames of one clip are classified together: the audio's modality-specific layers run once per clip, only
+the visual and shared layers run per frame, and the per-frame probabilities are averaged (see
+`CavMaeForAudioVisualClassification`).
 """
 
 import json
@@ -38,8 +40,11 @@ from transformers.pipelines.pt_utils import PipelineDataset, PipelineIterator
 from transformers.utils import logging
 
 from .media import (
+    AUDIO_PRECISIONS,
     DEFAULT_AUDIO_SECONDS,
     DEFAULT_SAMPLING_RATE,
+    FRAME_SELECTIONS,
+    FRAME_TRANSFORMS,
     MediaError,
     load_audio,
     load_video,
@@ -594,12 +599,15 @@ class _CavMaePipeline(Pipeline):
         return super().__call__(inputs, *args, **kwargs)
 
     # Steps ------------------------------------------------------------------------------------------------------
-    def preprocess(self, inputs, num_frames: int = DEFAULT_NUM_FRAMES) -> dict[str, torch.Tensor]:
+    def preprocess(
+        self, inputs, num_frames: int = DEFAULT_NUM_FRAMES, video_options: dict | None = None
+    ) -> dict[str, torch.Tensor]:
         clip = load_clip(
             inputs,
             num_frames=num_frames,
             sampling_rate=self.feature_extractor.sampling_rate,
             audio_seconds=audio_seconds_for(self.feature_extractor),
+            video_options=video_options,
         )
         return clip_features(self.feature_extractor, clip)
 
@@ -660,12 +668,24 @@ class _CavMaePipeline(Pipeline):
             raise TypeError(f"Unexpected pipeline arguments: {sorted(kwargs)}")
 
     @staticmethod
-    def _num_frames_param(num_frames) -> dict:
-        if num_frames is None:
-            return {}
-        if not isinstance(num_frames, numbers.Integral) or isinstance(num_frames, bool) or num_frames < 1:
-            raise ValueError(f"num_frames must be a whole number of at least 1, got {num_frames!r}.")
-        return {"num_frames": int(num_frames)}
+    def _decoding_params(num_frames, frame_selection, frame_transform, audio_precision) -> dict:
+        """`num_frames` and the options of `cavmae_hf.media.load_video` for video files (`frame_selection`,
+        `frame_transform`, `audio_precision`; None: the default, which reproduces the reference's preprocessing)."""
+        params = {}
+        if num_frames is not None:
+            if not isinstance(num_frames, numbers.Integral) or isinstance(num_frames, bool) or num_frames < 1:
+                raise ValueError(f"num_frames must be a whole number of at least 1, got {num_frames!r}.")
+            params["num_frames"] = int(num_frames)
+        choices = {"frame_selection": FRAME_SELECTIONS, "frame_transform": FRAME_TRANSFORMS}
+        choices["audio_precision"] = AUDIO_PRECISIONS
+        options = dict(frame_selection=frame_selection, frame_transform=frame_transform, audio_precision=audio_precision)
+        given = {name: value for name, value in options.items() if value is not None}
+        for name, value in given.items():
+            if value not in choices[name]:
+                raise ValueError(f"{name} must be one of {choices[name]}, got {value!r}.")
+        if given:
+            params["video_options"] = given
+        return params
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -701,7 +721,15 @@ class AudioVisualClassificationPipeline(_CavMaePipeline):
                 "head is newly initialised and its scores are meaningless until it is fine-tuned."
             )
 
-    def _sanitize_parameters(self, num_frames=None, function_to_apply=None, **kwargs):
+    def _sanitize_parameters(
+        self,
+        num_frames=None,
+        function_to_apply=None,
+        frame_selection=None,
+        frame_transform=None,
+        audio_precision=None,
+        **kwargs,
+    ):
         postprocess_params = {}
         if "top_k" in kwargs:
             top_k = kwargs.pop("top_k")
@@ -716,7 +744,8 @@ class AudioVisualClassificationPipeline(_CavMaePipeline):
                 )
             postprocess_params["function_to_apply"] = function_to_apply
         self._reject_unknown(kwargs)
-        return self._num_frames_param(num_frames), {}, postprocess_params
+        preprocess_params = self._decoding_params(num_frames, frame_selection, frame_transform, audio_precision)
+        return preprocess_params, {}, postprocess_params
 
     def run_model(self, inputs):
         output = self.model(**inputs)
@@ -803,7 +832,15 @@ class AudioVisualFeatureExtractionPipeline(_CavMaePipeline):
         self.encoder = getattr(self.model, "cav_mae", self.model)
 
     def _sanitize_parameters(
-        self, num_frames=None, return_token_states=None, return_tensors=None, normalize=None, **kwargs
+        self,
+        num_frames=None,
+        return_token_states=None,
+        return_tensors=None,
+        normalize=None,
+        frame_selection=None,
+        frame_transform=None,
+        audio_precision=None,
+        **kwargs,
     ):
         self._reject_unknown(kwargs)
         forward_params = {} if return_token_states is None else {"output_token_states": bool(return_token_states)}
@@ -812,7 +849,8 @@ class AudioVisualFeatureExtractionPipeline(_CavMaePipeline):
             postprocess_params["return_tensors"] = bool(return_tensors)
         if normalize is not None:
             postprocess_params["normalize"] = bool(normalize)
-        return self._num_frames_param(num_frames), forward_params, postprocess_params
+        preprocess_params = self._decoding_params(num_frames, frame_selection, frame_transform, audio_precision)
+        return preprocess_params, forward_params, postprocess_params
 
     def run_model(self, inputs, output_token_states: bool = False):
         return encode_clips(self.encoder, output_token_states=output_token_states, **inputs)
