@@ -76,7 +76,8 @@ class VideoClip:
 # ----------------------------------------------------------------------------------------------------------------
 # Opening
 # ----------------------------------------------------------------------------------------------------------------
-def _open(path) -> "av.container.InputContainer":
+def check_file(path) -> Path:
+    """`path` as a `Path` once it is known to be a non-empty file; else a `MediaError` saying what it is instead."""
     path = Path(path)
     if not path.exists():
         raise MediaError(f"File not found: {path}")
@@ -84,6 +85,11 @@ def _open(path) -> "av.container.InputContainer":
         raise MediaError(f"{path} is a directory, not a media file.")
     if path.stat().st_size == 0:
         raise MediaError(f"{path} is empty (0 bytes).")
+    return path
+
+
+def _open(path) -> "av.container.InputContainer":
+    path = check_file(path)
     try:
         return av.open(str(path), metadata_errors="ignore")
     except (av.error.FFmpegError, UnicodeDecodeError) as error:
@@ -820,6 +826,7 @@ __all__ = [
     "MediaError",
     "VideoClip",
     "AUDIO_PRECISIONS",
+    "check_file",
     "FRAME_SELECTIONS",
     "FRAME_TRANSFORMS",
     "REFERENCE_FRAME_SIZE",

@@ -46,6 +46,7 @@ from .media import (
     FRAME_SELECTIONS,
     FRAME_TRANSFORMS,
     MediaError,
+    check_file,
     load_audio,
     load_video,
     probe_streams,
@@ -182,7 +183,7 @@ def _channels_first(audio: np.ndarray) -> np.ndarray:
 
 
 def _load_path(path: Path, num_frames: int, sampling_rate: int, audio_seconds, video_options=None) -> Clip:
-    _check_file(path)
+    check_file(path)
     suffix = path.suffix.lower()
     if suffix in IMAGE_EXTENSIONS:
         return Clip(frames=[_load_image(path)], source=str(path))
@@ -206,20 +207,10 @@ def _load_path(path: Path, num_frames: int, sampling_rate: int, audio_seconds, v
     return Clip(audio=video.audio, sampling_rate=video.sampling_rate, frames=list(video.frames), source=str(path))
 
 
-def _check_file(path: Path):
-    """The errors `cavmae_hf.media` gives for paths that are no file at all, before any decoder sees them."""
-    if not path.exists():
-        raise MediaError(f"File not found: {path}")
-    if path.is_dir():
-        raise MediaError(f"{path} is a directory, not a media file.")
-    if path.stat().st_size == 0:
-        raise MediaError(f"{path} is empty (0 bytes).")
-
-
 def _probe_streams(path: Path) -> tuple[bool, bool]:
     """(has an audio stream, has a video stream), reading only the header; an mp4 whose cut-off index hides a
     stream is refused as truncated rather than taken for a silent (or audio-only) file."""
-    _check_file(path)
+    check_file(path)
     return probe_streams(path)
 
 
@@ -229,7 +220,7 @@ def _load_image(path: Path):
     converts arrays and images it is given."""
     from PIL import Image, ImageOps
 
-    _check_file(path)
+    check_file(path)
     try:
         with Image.open(path) as image:
             image.seek(0)  # an animated GIF / WebP or a multi-page TIFF: its first frame
