@@ -344,6 +344,18 @@ def test_model_rejects_nan_and_missing_inputs(tiny_config):
         model(audio.nan_to_num(), streams=("visual",))
 
 
+def test_only_the_streams_asked_for_are_computed(tiny_config):
+    model = CavMaeModel(tiny_config).eval()
+    audio, images = make_inputs(tiny_config, 2)
+    visual_calls = []
+    model.visual_layers[0].register_forward_hook(lambda *args: visual_calls.append(1))
+    with torch.no_grad():
+        audio_only = model(audio, images, streams=("audio",))
+        assert not visual_calls and audio_only.visual_embeds is None and audio_only.last_hidden_state is None
+        both = model(audio, images)
+    torch.testing.assert_close(audio_only.audio_embeds, both.audio_embeds)
+
+
 # Classification ---------------------------------------------------------------------------------------------------
 def test_classifier_loss_follows_problem_type():
     config = CavMaeConfig(**tiny_config_kwargs(num_labels=5, problem_type="multi_label_classification"))

@@ -862,7 +862,9 @@ class CavMaeModel(CavMaePreTrainedModel):
         validate_inputs(self.config, input_features, pixel_values, allow_frames=True)
         inputs = {m: x for m, x in ((AUDIO, input_features), (VISUAL, pixel_values)) if x is not None}
         streams = _checked_streams(streams, inputs)
-        num_frames = pixel_values.shape[1] if pixel_values is not None and pixel_values.dim() == 5 else None
+        if JOINT not in streams:  # a modality no stream asked for is not encoded
+            inputs = {m: x for m, x in inputs.items() if m in streams}
+        num_frames = pixel_values.shape[1] if VISUAL in inputs and pixel_values.dim() == 5 else None
         if num_frames is not None:
             inputs[VISUAL] = pixel_values.flatten(0, 1)
         noises = {AUDIO: audio_noise, VISUAL: visual_noise}
