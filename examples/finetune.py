@@ -40,6 +40,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from cavmae_hf import CavMaeConfig, CavMaeForAudioVisualClassification
 from cavmae_hf.data import finetuning_transforms, label_set_of, labels_for_classification, with_transform
+from cavmae_hf.distributed import end_distributed_run
 from cavmae_hf.metrics import classification_metrics
 from cavmae_hf.training import (
     CavMaeTrainer,
@@ -159,6 +160,7 @@ def main(argv=None):
         compute_metrics=classification_metrics(problem_type),
     )
     train_save_and_evaluate(trainer, feature_extractor)  # the final model is the weight average with --weight_averaging
+    end_distributed_run(trainer)  # before exit: see cavmae_hf.distributed
     return 0
 
 

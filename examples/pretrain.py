@@ -32,6 +32,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from cavmae_hf import CavMaeConfig, CavMaeForPreTraining
 from cavmae_hf.data import pretraining_transforms, with_transform
+from cavmae_hf.distributed import end_distributed_run
 from cavmae_hf.training import (
     CavMaeTrainer,
     CavMaeTrainingArguments,
@@ -130,6 +131,7 @@ def main(argv=None):
         eval_dataset=evaluation.with_transform(eval_transform) if evaluation is not None else None,
     )
     train_save_and_evaluate(trainer, feature_extractor)
+    end_distributed_run(trainer)  # before exit: see cavmae_hf.distributed
     return 0
 
 

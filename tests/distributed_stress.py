@@ -1,14 +1,22 @@
-"""Stress helper (not collected by pytest): run the 2-process gloo fixture of test_distributed.py N times, each with a
-short timeout, and print the stacks of every process of a run that hangs.
+"""Stress helper (not collected by pytest): run a 2-process gloo scenario N times, each with a short timeout; count
+the runs that hang or fail, and print the stacks of the first hang.
 
-    /work/venv/bin/python tests/distributed_stress.py [runs] [timeout seconds] [new|old] [busy processes]
+    python tests/distributed_stress.py [runs] [timeout seconds] [new|old|exit-new|exit-old] [busy processes]
 
-`old` runs the teardown order the test had before (destroy_process_group while the DDP wrapper is still alive), to
-show the deadlock; `busy processes` adds that many spinning processes, as other jobs on a shared CI machine would.
-A hang prints the native stacks (gdb) and Python stacks (faulthandler on SIGUSR1) of the processes still alive.
+`new` / `old`: the 2-process DDP fixture of test_distributed.py, with its teardown (the DDP wrapper gone, then
+destroy_process_group) or the order it had before (destroy_process_group while the wrapper is alive), which
+deadlocked ~1 run in 7. `exit-new` / `exit-old`: the end of a `Trainer` run under `torchrun`: an all-gather of
+tensors made in Python (the last collective of `Trainer.train`) and the interpreter's exit, with
+`cavmae_hf.distributed.end_distributed_run()` first or with the group left to interpreter shutdown, which aborted
+(SIGABRT, "terminate called without an active exception") ~1 run in 7 on a loaded 2-core machine.
+`busy processes` adds that many spinning processes, as other jobs on a shared CI machine would. A hang prints the
+native stacks (gdb) and Python stacks (faulthandler on SIGUSR1) of the processes still alive.
 """
 
 import os
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -18,11 +26,14 @@ import torch
 import torch.multiprocessing as multiprocessing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import test_distributed  # noqa: E402
+
+EXIT_MODES = ("exit-new", "exit-old")
 
 
 def _old_worker(rank: int, output_dir: str):
     """The worker as it was: the group destroyed in `finally`, then DDP's reducer freed when the frame is left."""
+    import test_distributed
+
     torch.set_num_threads(1)
     init_method = f"file://{os.path.join(output_dir, 'rendezvous')}"
     torch.distributed.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
@@ -40,10 +51,86 @@ def _old_worker(rank: int, output_dir: str):
 
 def _worker(rank: int, output_dir: str, mode: str):
     import faulthandler
-    import signal
+
+    import test_distributed
 
     faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
     (_old_worker if mode == "old" else test_distributed._worker)(rank, output_dir)
+
+
+def _exit_worker(mode: str):
+    """One process of an `exit-*` run (started as `python distributed_stress.py --exit-worker MODE`, env rendezvous
+    as under torchrun): the last collective of `Trainer.train` (its FLOP count), then the end of the script. Both
+    modes import the same modules first, so that only the ending differs."""
+    from cavmae_hf.distributed import end_distributed_run
+
+    torch.distributed.init_process_group("gloo")
+    scalar = torch.tensor([1.0])
+    gathered = [scalar.clone() for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(gathered, scalar)
+    torch.cat(gathered).sum().item()
+    if mode == "exit-new":
+        end_distributed_run()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run_exit_scenario(mode: str, timeout: float) -> str | None:
+    """One `exit-*` run; None if both processes exit with 0, else what went wrong."""
+    port, processes = _free_port(), []
+    for rank in range(2):
+        environment = {
+            **os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+        }  # fmt: skip
+        command = [sys.executable, __file__, "--exit-worker", mode]
+        processes.append(subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=environment))
+    problems = []
+    for rank, process in enumerate(processes):
+        try:
+            _, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            _, stderr = process.communicate()
+            problems.append(f"rank {rank} HANG")
+            continue
+        if process.returncode != 0:
+            name = signal.Signals(-process.returncode).name if process.returncode < 0 else process.returncode
+            last = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+            problems.append(f"rank {rank} exit {name}: {last}")
+    return "; ".join(problems) or None
+
+
+def _run_fixture_scenario(mode: str, timeout: float, first_hang: bool) -> str | None:
+    """One `new` / `old` run; None if it finishes, else what went wrong (a hang prints the stacks the first time)."""
+    output_dir = Path(tempfile.mkdtemp(prefix="ddp_stress_"))
+    started = time.monotonic()
+    context = multiprocessing.start_processes(
+        _worker, args=(str(output_dir), mode), nprocs=2, join=False, start_method="spawn"
+    )
+    try:
+        while not context.join(timeout=1):
+            if time.monotonic() - started > timeout:
+                break
+        else:
+            return None
+    except Exception as error:  # a process that raised or died
+        return f"failed: {type(error).__name__}: {error}"
+    for process in context.processes:
+        if process.is_alive() and first_hang:  # the first hang only: the stacks are long
+            print(f"  pid {process.pid} alive; native stacks:", flush=True)
+            subprocess.run(["gdb", "-p", str(process.pid), "-batch", "-ex", "thread apply all bt 25"])
+            os.kill(process.pid, signal.SIGUSR1)
+            time.sleep(2)
+    for path in sorted(output_dir.glob("stacks_rank*.txt")):
+        print(f"--- {path.name}\n{path.read_text()}", flush=True)
+    for process in context.processes:
+        process.kill()
+    return f"HANG after {time.monotonic() - started:.0f} s"
 
 
 def _spin():
@@ -52,6 +139,8 @@ def _spin():
 
 
 def main():
+    if sys.argv[1:2] == ["--exit-worker"]:
+        return _exit_worker(sys.argv[2])
     runs = int(sys.argv[1]) if len(sys.argv) > 1 else 20
     timeout = float(sys.argv[2]) if len(sys.argv) > 2 else 60
     mode = sys.argv[3] if len(sys.argv) > 3 else "new"
@@ -59,35 +148,17 @@ def main():
     spinners = [multiprocessing.get_context("spawn").Process(target=_spin, daemon=True) for _ in range(busy)]
     for spinner in spinners:
         spinner.start()
-    hangs = 0
+    failures = 0
     for run in range(runs):
-        output_dir = Path(tempfile.mkdtemp(prefix="ddp_stress_"))
         started = time.monotonic()
-        context = multiprocessing.start_processes(
-            _worker, args=(str(output_dir), mode), nprocs=2, join=False, start_method="spawn"
-        )
-        while not context.join(timeout=1):
-            if time.monotonic() - started > timeout:
-                print(f"run {run}: HANG after {time.monotonic() - started:.0f} s", flush=True)
-                import signal
-                import subprocess
-
-                for process in context.processes:
-                    if process.is_alive() and hangs == 0:  # the first hang only: the stacks are long
-                        print(f"  pid {process.pid} alive; native stacks:", flush=True)
-                        subprocess.run(["gdb", "-p", str(process.pid), "-batch", "-ex", "thread apply all bt 25"])
-                        os.kill(process.pid, signal.SIGUSR1)
-                        time.sleep(2)
-                for path in sorted(output_dir.glob("stacks_rank*.txt")):
-                    print(f"--- {path.name}\n{path.read_text()}", flush=True)
-                for process in context.processes:
-                    process.kill()
-                hangs += 1
-                break
+        if mode in EXIT_MODES:
+            problem = _run_exit_scenario(mode, timeout)
         else:
-            print(f"run {run}: ok in {time.monotonic() - started:.1f} s", flush=True)
-    print(f"{hangs} hangs in {runs} runs ({mode})", flush=True)
-    sys.exit(1 if hangs else 0)
+            problem = _run_fixture_scenario(mode, timeout, first_hang=failures == 0)
+        failures += problem is not None
+        print(f"run {run}: {problem or 'ok'} in {time.monotonic() - started:.1f} s", flush=True)
+    print(f"{failures} failed or hung in {runs} runs ({mode}, {busy} busy processes)", flush=True)
+    sys.exit(1 if failures else 0)
 
 
 if __name__ == "__main__":

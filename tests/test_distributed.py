@@ -225,3 +225,35 @@ def test_example_pretraining_script_runs_unchanged_under_torchrun(tmp_path):
     state = (tmp_path / "out" / "trainer_state.json").read_text()
     assert state.count('"contrastive_accuracy"') == 2 and '"global_step": 2' in state
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_end_distributed_run_releases_the_ddp_wrapper_then_joins_the_gloo_threads(tmp_path, caplog):
+    """The group is destroyed only once the trainer's DDP wrapper is gone (its reducer holds the group); then no gloo
+    thread is left to take the GIL while the interpreter shuts down (see cavmae_hf.distributed)."""
+    from types import SimpleNamespace
+
+    from training_run import gloo_threads
+
+    from cavmae_hf.distributed import end_distributed_run
+
+    assert end_distributed_run() is False  # outside torch.distributed: nothing to do
+    init_method = f"file://{tmp_path / 'rendezvous'}"
+    torch.distributed.init_process_group("gloo", init_method=init_method, rank=0, world_size=1)
+    try:
+        model = torch.nn.Linear(2, 2)
+        prepared = [torch.nn.parallel.DistributedDataParallel(model)]
+        accelerator = SimpleNamespace(free_memory=prepared.clear)  # as accelerate's: drops the prepared objects
+        trainer = SimpleNamespace(model=model, model_wrapped=prepared[0], accelerator=accelerator)
+        kept = trainer.model_wrapped  # a reference the function cannot drop
+        assert gloo_threads()
+        assert end_distributed_run(trainer) is False
+        assert torch.distributed.is_initialized() and "still referenced outside the trainer" in caplog.text
+        trainer.model_wrapped = kept  # wrapped and prepared again, now referenced by the trainer alone
+        prepared.append(kept)
+        del kept
+        assert end_distributed_run(trainer) is True
+        assert trainer.model_wrapped is model and not prepared
+        assert not torch.distributed.is_initialized() and gloo_threads() == []
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

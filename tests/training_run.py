@@ -10,7 +10,8 @@ DATA_DIR is a decoded clip dataset written by `datasets.Dataset.save_to_disk` (s
 bytes). `--block_after_save STEP` writes `OUTPUT_DIR/blocked` once checkpoint-STEP is saved and then sleeps, to
 be killed; `--fail_on_rank R --fail_at_step S` raises on process R at the start of step S; `--break_clips` points
 those rows at a file that does not exist (skipped by the transform); `--evaluate_broken I` evaluates, after
-training, on the clips with row I broken.
+training, on the clips with row I broken. A run that ends normally ends the distributed run as the examples do
+([`end_distributed_run`]) and reports on stderr how many gloo threads are left.
 """
 
 import argparse
@@ -26,11 +27,13 @@ from conftest import tiny_config_kwargs  # noqa: E402
 
 from cavmae_hf import CavMaeConfig, CavMaeFeatureExtractor, CavMaeForPreTraining  # noqa: E402
 from cavmae_hf.data import AudioVisualTransform, with_transform  # noqa: E402
+from cavmae_hf.distributed import end_distributed_run  # noqa: E402
 from cavmae_hf.training import CavMaeTrainer, CavMaeTrainingArguments, streaming_training_set  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 BLOCKED_MARKER = "blocked"
 INJECTED_FAILURE = "injected failure for the test"
+COLLECTIVE_THREADS_MARKER = "gloo threads left at exit:"
 
 
 class RecordingTransform(AudioVisualTransform):
@@ -159,7 +162,20 @@ def main(argv=None) -> int:
         evaluation = break_clips(clips, [args.evaluate_broken], Path(args.output_dir) / "missing.mp4")
         extractor = CavMaeFeatureExtractor(max_length=64, num_mel_bins=32, image_size=32)
         print(trainer.evaluate(evaluation.with_transform(AudioVisualTransform(extractor))))
+    end_distributed_run(trainer)
+    print(f"{COLLECTIVE_THREADS_MARKER} {len(gloo_threads())}", file=sys.stderr, flush=True)
     return 0
+
+
+def gloo_threads() -> list[str]:
+    """The names of this process's native gloo threads (Linux names them; none are found without /proc)."""
+    names = []
+    for task in Path("/proc/self/task").glob("*"):
+        try:
+            names.append((task / "comm").read_text().strip())
+        except OSError:  # the thread ended meanwhile
+            continue
+    return [name for name in names if "gloo" in name]
 
 
 if __name__ == "__main__":
