@@ -13,6 +13,7 @@ from inference_helpers import save_tiny_classifier, save_tiny_pretraining, write
 from PIL import Image
 
 from cavmae_hf import cli
+from cavmae_hf.convert_original_checkpoint import CheckpointConversionError
 
 SUBCOMMANDS = ["classify", "embed", "retrieve", "reconstruct"]
 
@@ -131,15 +132,47 @@ def test_classify_input_errors_are_one_line(workspace, capsys):
     )
 
 
-def test_unexpected_errors_exit_1(workspace, capsys, monkeypatch):
+@pytest.mark.parametrize("error", [RuntimeError("something broke"), ValueError("bad"), OSError(5, "I/O error")])
+def test_errors_outside_the_hierarchy_are_internal_errors_exit_1(workspace, capsys, monkeypatch, error):
+    """Exit code 2 means a CavMaeError (bad input) and nothing else: a bare ValueError or OSError from inside is a
+    bug, not the user's input."""
+
     def explode(args):
-        raise RuntimeError("something broke")
+        raise error
 
     monkeypatch.setattr(cli, "run_classify", explode)
     code, _, err = run_cli(["classify", workspace / "clip_0.mp4", "--model", workspace / "classifier"], capsys)
-    assert code == 1 and "unexpected error: RuntimeError: something broke" in err and "Traceback" not in err
-    with pytest.raises(RuntimeError):
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"internal error: {type(error).__name__}: ") and "rerun with --debug" in lines[0]
+    with pytest.raises(type(error)):
         cli.main(["--debug", "classify", str(workspace / "clip_0.mp4"), "--model", str(workspace / "classifier")])
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    code, out, _ = run_cli(["--version"], capsys)
+    assert code == 0 and out.strip() == f"cavmae {version('cavmae-hf')}"
+
+
+@pytest.mark.parametrize(
+    "argv,code",
+    [(["--help"], 0), (["--version"], 0), (["classify", "--help"], 0), (["convert", "--help"], 0), (["classify"], 2),
+     (["frobnicate"], 2), (["convert", "--checkpoint", "x.pth"], 2)],
+)  # fmt: skip
+def test_help_version_and_usage_errors_answer_before_the_heavy_imports(argv, code):
+    """The console script's module parses the arguments with the standard library alone: torch, Transformers and
+    the package (whose import registers its classes, seconds) are imported only to run a command."""
+    script = (
+        "import sys, cavmae_hf_cli\n"
+        f"code = cavmae_hf_cli.main({argv!r})\n"
+        "print('imported:', sorted(m for m in ('torch', 'transformers', 'cavmae_hf') if m in sys.modules))\n"
+        "sys.exit(code)\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == code, completed.stderr
+    assert "imported: []" in completed.stdout
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -258,24 +291,25 @@ def test_reconstruct_errors(workspace, capsys):
 # convert, demo
 # ----------------------------------------------------------------------------------------------------------------
 def test_convert(tmp_path, capsys):
+    """`convert` is a subcommand like the others: its own usage line, a text summary, `--json`, `--quiet`,
+    `--debug`, and one `error:` line with exit code 2 for bad input."""
+    original = FIXTURES / "original" / "tiny_pretrain.pth"
+    heads = ["--num-attention-heads", "4", "--decoder-num-attention-heads", "4"]  # tiny widths: no released count
     code, out, _ = run_cli(
-        [
-            "convert",
-            "--checkpoint",
-            FIXTURES / "original" / "tiny_pretrain.pth",
-            "--output",
-            tmp_path / "converted",
-            *("--num-attention-heads", "4", "--decoder-num-attention-heads", "4"),
-        ],
-        capsys,
+        ["convert", "--checkpoint", original, "--output", tmp_path / "converted", *heads, "--json"], capsys
     )
     assert code == 0 and json.loads(out)["model_class"] == "CavMaeForPreTraining"
     assert (tmp_path / "converted" / "config.json").is_file()
     assert (tmp_path / "converted" / "README.md").read_text().startswith("---")
+    code, out, err = run_cli(["convert", "--checkpoint", original, "--output", tmp_path / "again", *heads, "-q"], capsys)
+    assert code == 0 and out.startswith("wrote CavMaeForPreTraining (") and str(tmp_path / "again") in out
+    assert len(out.splitlines()) == 1 and err == ""
     code, out, _ = run_cli(["convert", "--help"], capsys)
-    assert code == 0 and "--checkpoint" in out
-    code, _, err = run_cli(["convert", "--checkpoint", tmp_path / "missing.pth", "--output", tmp_path / "x"], capsys)
-    assert code == 2 and "error" in err
+    assert code == 0 and out.startswith("usage: cavmae convert") and "--checkpoint" in out and "--json" in out
+    missing = ["convert", "--checkpoint", tmp_path / "missing.pth", "--output", tmp_path / "x"]
+    assert_one_line_error(*run_cli(missing, capsys)[::2], contains="Checkpoint not found")
+    with pytest.raises(CheckpointConversionError, match="Checkpoint not found"):
+        cli.main(["--debug", *map(str, missing)])
 
 
 def test_demo_missing_is_a_clear_error(monkeypatch, capsys):

@@ -138,7 +138,8 @@ def test_partial_checkpoint_keeps_initialisation_of_missing_weights_and_lists_bo
         )
 
     arguments = ["--checkpoint", str(tmp_path / "partial.pth"), "--output", str(tmp_path / "out")]
-    assert main([*arguments, "--num-attention-heads", "4", "--decoder-num-attention-heads", "4", "--partial"]) == 0
+    heads = ["--num-attention-heads", "4", "--decoder-num-attention-heads", "4"]
+    assert main([*arguments, *heads, "--partial", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert sorted(summary["initialized_keys"]) == [
         "cav_mae.shared_layers.0.layernorm_before.audio.weight",

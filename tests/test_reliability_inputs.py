@@ -10,6 +10,7 @@ import io
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ from cavmae_hf import (
     CavMaeModel,
     cli,
 )
+from cavmae_hf.configuration_cav_mae import CavMaeArgumentError, CavMaeConfigError
 from cavmae_hf.convert_original_checkpoint import CheckpointConversionError, convert_checkpoint, read_label_csv
 from cavmae_hf.convert_original_checkpoint import main as convert_main
 from cavmae_hf.feature_extraction_cav_mae import CavMaeFeatureExtractionError
@@ -456,14 +458,15 @@ def test_pipeline_feature_extractor_errors_pass_through(classifier):
     ],
 )
 def test_pipeline_parameter_errors(classifier, workspace, kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(CavMaeInputError, match=message):
         classifier(str(workspace / "clip.mp4"), **kwargs)
 
 
 def test_pipeline_collections(classifier, workspace):
     assert classifier([]) == [] and classifier(()) == []
-    with pytest.raises(TypeError, match="Unexpected pipeline arguments"):
+    with pytest.raises(TypeError, match="Unexpected pipeline arguments") as raised:
         classifier([], topk=3)
+    assert isinstance(raised.value, CavMaeArgumentError)
     path = str(workspace / "clip.mp4")
     assert classifier((path, AUDIO_DICT), top_k=2) == classifier([path, AUDIO_DICT], top_k=2)
     frames = list(clip_frames(1, count=3))
@@ -517,16 +520,52 @@ def test_damaged_model_directories(workspace, tmp_path, capsys, edit, message):
     assert_one_line(code, err, message)
 
 
+WEIGHT_DAMAGE = [
+    (lambda d: (d / "model.safetensors").unlink(), r"has no weights \(model.safetensors not found\)"),
+    (
+        lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:5000]),
+        "model.safetensors is not a readable safetensors file: it is truncated or corrupt .*; download or save it again",
+    ),
+    (lambda d: (d / "model.safetensors").write_bytes(b"\xff" * 1000), "truncated or corrupt"),
+    (
+        lambda d: (d / "config.json").write_text(
+            (d / "config.json").read_text().replace('"hidden_size": 32', '"hidden_size": 64')
+        ),
+        r"do not fit its config.json: \d+ tensor\(s\) differ",
+    ),
+    (
+        lambda d: save_file({"conv1.weight": torch.zeros(2, 3)}, str(d / "model.safetensors")),
+        "None of the 1 tensors .* belong to a CAV-MAE model",
+    ),
+]
+
+
+@pytest.mark.parametrize("task", [CLASSIFICATION_TASK, FEATURE_EXTRACTION_TASK])
+@pytest.mark.parametrize("edit,message", WEIGHT_DAMAGE)
+def test_transformers_pipeline_names_damaged_weights(workspace, tmp_path, task, edit, message):
+    """Plain `transformers.pipeline(task, model=directory)` runs the package's checks too: a truncated
+    model.safetensors is named with what to do (it was a bare SafetensorError naming no file). Transformers wraps
+    the CheckpointLoadError in its own ValueError ("Could not load model ..."), whose message ends with ours."""
+    from transformers import pipeline
+
+    folder = variant(workspace, tmp_path, edit)
+    with pytest.raises(ValueError) as raised:
+        pipeline(task, model=str(folder))
+    last_line = str(raised.value).strip().splitlines()[-1]
+    assert last_line.startswith("cavmae_hf.pipelines.CheckpointLoadError: ") and str(folder) in last_line
+    assert re.search(message, last_line), last_line
+
+
 def test_feature_extractor_that_does_not_fit_the_model(workspace, tmp_path, capsys):
     def edit(folder, key, value):
         config = json.loads((folder / "preprocessor_config.json").read_text())
         (folder / "preprocessor_config.json").write_text(json.dumps({**config, key: value}))
 
     mel = variant(workspace, tmp_path / "a", lambda d: edit(d, "num_mel_bins", 64))
-    with pytest.raises(ValueError, match=r"does not fit the model: num_mel_bins=64 \(model: 32\)"):
+    with pytest.raises(CheckpointLoadError, match=r"does not fit the model: num_mel_bins=64 \(model: 32\)"):
         cav_mae_pipeline(CLASSIFICATION_TASK, mel)
     rate = variant(workspace, tmp_path / "b", lambda d: edit(d, "sampling_rate", -5))
-    with pytest.raises(ValueError, match="sampling_rate must be a positive integer, got -5"):
+    with pytest.raises(CheckpointLoadError, match="sampling_rate must be a positive integer, got -5"):
         cav_mae_pipeline(FEATURE_EXTRACTION_TASK, rate)
     code, _, err = run_cli(["classify", workspace / "clip.mp4", "--model", rate, "-q"], capsys)
     assert_one_line(code, err, "sampling_rate must be a positive integer")
@@ -600,6 +639,28 @@ def test_cli_path_errors(workspace, tmp_path, capsys):
     assert_one_line(code, err, "--dpi must be at least 1")
 
 
+def test_cli_hub_model_that_cannot_be_loaded(workspace, capsys, monkeypatch):
+    """Transformers' OSError for a Hub id (not found, offline, gated) is the user's input: one line, exit 2."""
+    import transformers
+
+    def unreachable(name, *args, **kwargs):
+        raise OSError(f"{name} is not a local folder and is not a valid model identifier listed on the Hub")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", unreachable)
+    code, _, err = run_cli(["classify", workspace / "clip.mp4", "--model", "nobody/no-such-model"], capsys)
+    assert_one_line(code, err, "'nobody/no-such-model' could not be loaded from the Hugging Face Hub: nobody/no-such")
+
+
+def test_cli_output_in_a_missing_folder_is_refused_before_any_work(workspace, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "_check_architecture", lambda *args: pytest.fail("the model was looked at"))
+    for output, message in [
+        (tmp_path / "missing" / "x.png", "the directory .*missing does not exist"),
+        (tmp_path, "is a directory; give a file name"),
+    ]:
+        argv = ["reconstruct", workspace / "clip.mp4", "--model", workspace / "classifier", "--output", output]
+        assert_one_line(*run_cli(argv, capsys)[::2], message)
+
+
 def test_cli_debug_shows_the_traceback(workspace):
     with pytest.raises(cli.UsageError, match="is a directory"):
         cli.main(["--debug", "classify", str(workspace), "--model", str(workspace / "classifier")])
@@ -650,9 +711,10 @@ def test_converter_file_and_option_errors(tmp_path):
     assert code == 2 and "is a directory; --checkpoint takes the original .pth file" in err
     torch.save([torch.zeros(3)], tmp_path / "list.pth")
     assert "does not hold a flat state dict of tensors" in convert_cli(tmp_path, tmp_path / "list.pth")[1]
-    with contextlib.redirect_stderr(io.StringIO()) as err, pytest.raises(SystemExit) as exit_:
-        convert_main(["--checkpoint", str(PRETRAIN), "--output", str(tmp_path / "o"), "--num-attention-heads", "0"])
-    assert exit_.value.code == 2 and "must be at least 1, got 0" in err.getvalue()
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        options = ["--checkpoint", str(PRETRAIN), "--output", str(tmp_path / "o"), "--num-attention-heads", "0"]
+        code = convert_main(options)
+    assert code == 2 and "must be at least 1, got 0" in err.getvalue()
     (tmp_path / "file").write_text("x")
     with pytest.raises(CheckpointConversionError, match="is a file; give a directory"):
         convert_checkpoint(PRETRAIN, tmp_path / "file", num_attention_heads=4, decoder_num_attention_heads=4)
@@ -760,12 +822,13 @@ def test_load_clip_is_the_pipelines_front_door(workspace):
 # One base class for every error of the package
 # ----------------------------------------------------------------------------------------------------------------
 def _error_classes():
-    from cavmae_hf.configuration_cav_mae import CavMaeConfigError
+    from cavmae_hf.configuration_cav_mae import CavMaeArgumentError, CavMaeConfigError
     from cavmae_hf.media import MediaError
     from cavmae_hf.model_card import ModelCardError
 
     return [
         CavMaeConfigError,
+        CavMaeArgumentError,
         CavMaeInputError,
         CavMaeFeatureExtractionError,
         MediaError,
@@ -795,6 +858,7 @@ def test_except_cavmae_error_catches_every_area(tmp_path):
     index = RetrievalIndex(["a"], {"audio": torch.randn(1, 4)})
     failures = {
         "CavMaeConfigError": lambda: CavMaeConfig(**tiny_config_kwargs(hidden_size=30)),
+        "CavMaeArgumentError": lambda: CavMaeFeatureExtractor()(np.zeros(16000, np.float32), sampling_rate=RATE, pad=1),
         "CavMaeInputError": lambda: CavMaeModel(CavMaeConfig(**tiny_config_kwargs()))(torch.randn(64, 32)),
         "CavMaeFeatureExtractionError": lambda: CavMaeFeatureExtractor()(np.zeros(10, np.float32), sampling_rate=RATE),
         "MediaError": lambda: media.load_video(tmp_path / "missing.mp4"),
@@ -812,3 +876,78 @@ def test_except_cavmae_error_catches_every_area(tmp_path):
             assert type(error).__name__ == name, (name, error)
         else:
             pytest.fail(f"{name}: nothing raised")
+
+
+BUILTIN_ERRORS = {"ValueError", "TypeError", "KeyError", "IndexError", "RuntimeError", "OSError", "AssertionError",
+                  "FileNotFoundError", "IsADirectoryError", "PermissionError", "LookupError", "Exception"}  # fmt: skip
+
+
+def test_the_package_raises_no_builtin_error_on_purpose():
+    """Every deliberate `raise` names a CavMaeError subclass (25 bare ValueError / TypeError raises were left)."""
+    import ast
+
+    import cavmae_hf
+
+    bare = []
+    for path in sorted(Path(cavmae_hf.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call):
+                name = getattr(node.exc.func, "id", None)
+                if name in BUILTIN_ERRORS:
+                    bare.append(f"{path.name}:{node.lineno}: raise {name}")
+    assert not bare, "\n".join(bare)
+
+
+def _formerly_bare_errors(tmp_path):
+    """The calls that raised a bare ValueError / TypeError, and the CavMaeError subclass each raises now."""
+    from cavmae_hf import metrics, synthetic, training
+
+    rate = {"sampling_rate": RATE}
+    extractor = CavMaeFeatureExtractor(image_size=32)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "a" / "model.safetensors"))
+    save_file({"y": torch.zeros(1)}, str(tmp_path / "b" / "model.safetensors"))
+    arguments = dict(output_dir=str(tmp_path / "run"), report_to="none")
+    config = CavMaeConfig(**tiny_config_kwargs())
+    return [
+        (CavMaeArgumentError, "unexpected arguments", lambda: extractor(np.zeros(16000, np.float32), **rate, pad=1)),
+        (CavMaeFeatureExtractionError, "return_tensors", lambda: extractor(np.zeros(16000), **rate, return_tensors="tf")),
+        (CavMaeConfigError, "problem_type='regression'", lambda: metrics.classification_metrics("regression")),
+        (RetrievalError, "one target per query", lambda: metrics.true_pair_ranks(torch.ones(3, 4), torch.ones(2, 4))),
+        (CavMaeConfigError, "num_classes must be between 1 and", lambda: synthetic.class_specs(0)),
+        (CavMaeConfigError, "Unknown timbre 'kazoo'", lambda: synthetic._timbre_wave("kazoo", 440.0, np.zeros(4), None)),
+        (CavMaeConfigError, "lr_schedule", lambda: training.CavMaeTrainingArguments(**arguments, lr_schedule="cosine")),
+        (CavMaeConfigError, "lr_decay_every", lambda: training.CavMaeTrainingArguments(**arguments, lr_decay_every=0)),
+        (
+            CavMaeConfigError,
+            "wa_start <= wa_end",
+            lambda: training.CavMaeTrainingArguments(**arguments, weight_averaging=True, wa_start=3, wa_end=2),
+        ),
+        (CavMaeConfigError, "no classification head", lambda: training.freeze_backbone(CavMaeModel(config))),
+        (CavMaeConfigError, "start_epoch <= end_epoch", lambda: training.WeightAveragingCallback(3, 2)),
+        (CavMaeConfigError, "at least one checkpoint", lambda: training.average_checkpoints([])),
+        (CheckpointLoadError, "holds other weights", lambda: training.average_checkpoints([tmp_path / "a", tmp_path / "b"])),
+        (CheckpointLoadError, r"epochs \[1, 2\]", lambda: training.average_epoch_checkpoints(tmp_path, 1, 2)),
+        (CavMaeConfigError, "is not name=value", lambda: training.parse_config_overrides("hidden_size")),
+        (CavMaeConfigError, "Data arguments do not fit", lambda: training.data_config_consistent(config, 1, 2, 3)),
+    ]
+
+
+def test_formerly_bare_errors_are_in_the_hierarchy(tmp_path):
+    for error_class, message, fail in _formerly_bare_errors(tmp_path):
+        with pytest.raises(error_class, match=message):
+            fail()
+    assert issubclass(CavMaeArgumentError, TypeError)  # code catching the TypeError of old keeps working
+
+
+def test_pipelines_given_the_wrong_model_say_so(workspace):
+    from transformers import ViTConfig, ViTModel, pipeline
+
+    encoder = CavMaeModel(CavMaeConfig(**tiny_config_kwargs()))
+    extractor = CavMaeFeatureExtractor(max_length=64, num_mel_bins=32, image_size=32)
+    with pytest.raises(CavMaeInputError, match="needs CavMaeForAudioVisualClassification, got CavMaeModel"):
+        pipeline(CLASSIFICATION_TASK, model=encoder, feature_extractor=extractor)
+    vit = ViTModel(ViTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8))
+    with pytest.raises(CavMaeInputError, match="needs a CAV-MAE model, got ViTModel"):
+        pipeline(FEATURE_EXTRACTION_TASK, model=vit, feature_extractor=extractor)

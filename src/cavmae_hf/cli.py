@@ -1,15 +1,11 @@
 """
-The `cavmae` command line.
+The commands of the `cavmae` command line: `classify`, `embed`, `retrieve`, `reconstruct`, `convert`, `demo`.
+Their arguments are parsed by `cavmae_hf_cli` (standard library only, so that `--help` answers at once), which
+then calls [`run`]; [`main`] does both.
 
-    cavmae classify VIDEO... --model DIR [--top-k 5] [--json]
-    cavmae embed VIDEO... --model DIR [--output index.safetensors] [--json]
-    cavmae retrieve QUERY... --model DIR --index index.safetensors [--top-k 5] [--json]
-    cavmae reconstruct VIDEO --model DIR [--output reconstruction.png] [--json]
-    cavmae convert --checkpoint X.pth --output DIR [...]
-    cavmae demo [...]
-
-Exit codes: 0 success, 2 bad usage or input (unreadable media, wrong shapes, missing files), 1 anything unexpected.
-Errors from inputs print one line to stderr; `--debug` shows the traceback instead.
+Exit codes: 0 success, 2 a `CavMaeError` (bad usage or input: unreadable media, wrong shapes, missing files, wrong
+checkpoint kinds), 1 anything else (an internal error). Errors print one line to stderr; `--debug` shows the
+traceback instead.
 """
 
 import argparse
@@ -18,25 +14,17 @@ import importlib.util
 import json
 import re
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+
+import cavmae_hf_cli
 
 from .configuration_cav_mae import CavMaeError
 
-EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = cavmae_hf_cli.EXIT_OK, cavmae_hf_cli.EXIT_INTERNAL, cavmae_hf_cli.EXIT_USAGE
 
 
 class UsageError(CavMaeError):
     """The command line asks for something that cannot be done (bad combination of options, missing files)."""
-
-
-def _input_errors() -> tuple:
-    """Exception types that mean "bad input", reported in one line with exit code 2."""
-    from .media import MediaError
-    from .modeling_cav_mae import CavMaeInputError
-
-    return (UsageError, MediaError, CavMaeInputError, ValueError, FileNotFoundError, IsADirectoryError, OSError)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -60,6 +48,14 @@ def _check_files(paths) -> list[str]:
     return [str(path) for path in paths]
 
 
+def _check_output_file(path: Path):
+    """Before any work: `--output` names a file in an existing folder (else writing it would fail at the end)."""
+    if path.is_dir():
+        raise UsageError(f"--output {path} is a directory; give a file name.")
+    if not path.parent.is_dir():
+        raise UsageError(f"--output {path}: the directory {path.parent} does not exist.")
+
+
 def _check_model_dir(model: str):
     """A local directory must hold a CAV-MAE config.json; anything else must look like a Hub id (owner/name)."""
     from .pipelines import read_config
@@ -72,6 +68,23 @@ def _check_model_dir(model: str):
         return
     if model.count("/") != 1 or model.startswith((".", "/", "~")):
         raise UsageError(f"Model directory not found: {model}")
+    _check_hub_model(model)
+
+
+def _check_hub_model(model: str):
+    """A Hub id must name a CAV-MAE model that Transformers can fetch (its OSError - not found, offline, gated - is
+    the user's input, not a bug)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except OSError as error:
+        raise UsageError(
+            f"Model directory not found, and {model!r} could not be loaded from the Hugging Face Hub: "
+            f"{_one_line(error)}"
+        ) from None
+    if config.model_type != "cav_mae":
+        raise UsageError(f"{model} is a model of type {config.model_type!r}, not a CAV-MAE checkpoint.")
 
 
 def _check_architecture(model: str, expected: str, purpose: str):
@@ -151,25 +164,6 @@ def _grouped_lines(results: list[dict], title: str, entries: str, entry_line):
         yield result[title]
         for entry in result[entries]:
             yield entry_line(entry)
-
-
-def _add_model_options(parser, frames: bool = True, batch: bool = True):
-    parser.add_argument("--model", required=True, help="model directory (save_pretrained / converted) or Hub id")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "float16", "bfloat16"],
-        help="model dtype (default: as saved)",
-    )
-    if frames:
-        parser.add_argument("--num-frames", type=int, default=10, help="frames sampled per video (default: 10)")
-    if batch:
-        parser.add_argument("--batch-size", type=int, default=1, help="clips per model call (default: 1)")
-
-
-def _add_output_options(parser):
-    parser.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -281,6 +275,7 @@ def run_reconstruct(args) -> int:
 
     (video,) = _check_files([args.input])
     _check_counts(args)
+    _check_output_file(args.output)
     _check_model_dir(args.model)
     _check_device(args.device)
     _check_architecture(args.model, "CavMaeForPreTraining", "reconstruction (with the decoder)")
@@ -316,22 +311,26 @@ def run_reconstruct(args) -> int:
     )
 
 
-def _mask_ratio(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"a mask ratio must be in [0, 1), got {text}")
-    return value
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# convert, demo: delegated
+# convert
 # ----------------------------------------------------------------------------------------------------------------
 def run_convert(args) -> int:
-    from .convert_original_checkpoint import main as convert_main
+    from .convert_original_checkpoint import convert_from_arguments
 
-    return convert_main(args.passthrough)
+    summary = convert_from_arguments(args)
+    lines = [
+        f"wrote {summary['model_class']} ({summary['parameters']:,} parameters) to {summary['output']}; "
+        f"{summary['unused_original_keys']} unused original key(s) left out"
+    ]
+    if args.partial:
+        lines.append(f"kept their initialisation: {', '.join(summary['initialized_keys']) or 'none'}")
+        lines.append(f"original keys left out: {', '.join(summary['ignored_original_keys']) or 'none'}")
+    return _report(args, summary, lines)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# demo: delegated
+# ----------------------------------------------------------------------------------------------------------------
 def run_demo(args) -> int:
     if importlib.util.find_spec("cavmae_hf.demo") is None:
         print("error: the demo is not available in this installation (cavmae_hf.demo is missing).", file=sys.stderr)
@@ -357,152 +356,37 @@ def _missing_demo_dependency(error: ImportError) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Parser
+# Running a parsed command line
 # ----------------------------------------------------------------------------------------------------------------
-def _add_common_options(parser, default):
-    parser.add_argument("--quiet", "-q", action="store_true", default=default, help="no progress bars")
-    parser.add_argument("--debug", action="store_true", default=default, help="show tracebacks of errors")
+def _handler(command: str):
+    """The function of a subcommand (looked up when called, so that a replaced one is used)."""
+    handlers = {
+        "classify": run_classify,
+        "embed": run_embed,
+        "retrieve": run_retrieve,
+        "reconstruct": run_reconstruct,
+        "convert": run_convert,
+        "demo": run_demo,
+    }
+    return handlers[command]
 
 
-def _add_inputs(parser, metavar: str):
-    parser.add_argument("inputs", nargs="+", metavar=metavar, help="video, audio or image files")
-
-
-def _classify_options(parser):
-    _add_inputs(parser, "VIDEO")
-    _add_model_options(parser)
-    parser.add_argument("--top-k", type=int, default=5, help="labels per input (default: 5)")
-
-
-def _embed_options(parser):
-    _add_inputs(parser, "VIDEO")
-    _add_model_options(parser)
-    parser.add_argument("--output", "-o", type=Path, help="index file to write (.safetensors)")
-
-
-def _retrieve_options(parser):
-    _add_inputs(parser, "QUERY")
-    parser.add_argument("--index", required=True, type=Path, help="index written by `cavmae embed --output`")
-    _add_model_options(parser, batch=False)
-    parser.add_argument("--top-k", type=int, default=5, help="results per query (default: 5)")
-    parser.add_argument("--query-modality", choices=["audio", "visual"], help="which embedding of the query to use")
-    parser.add_argument("--target-modality", choices=["audio", "visual"], help="which embeddings of the index to match")
-
-
-def _reconstruct_options(parser):
-    parser.add_argument("input", metavar="VIDEO", help="video file with an audio track")
-    _add_model_options(parser, batch=False)
-    parser.add_argument("--output", "-o", type=Path, default=Path("reconstruction.png"), help="PNG to write")
-    parser.add_argument("--frame-index", type=int, help="which sampled frame to show (default: the middle one)")
-    parser.add_argument("--audio-mask-ratio", type=_mask_ratio, help="default: the model's (0.75)")
-    parser.add_argument("--visual-mask-ratio", type=_mask_ratio, help="default: the model's (0.75)")
-    parser.add_argument("--audio-mask-mode", choices=["unstructured", "time", "freq", "tf"])
-    parser.add_argument("--seed", type=int, default=0, help="seed of the masks (default: 0)")
-    parser.add_argument("--dpi", type=int, default=100, help="PNG resolution; the figure is 15 x 7.5 inches")
-
-
-@dataclass(frozen=True)
-class _Command:
-    """A subcommand that runs a model: `add_options` adds its own options, `--json` and the handler are common."""
-
-    name: str
-    handler: Callable[[argparse.Namespace], int]
-    add_options: Callable[[argparse.ArgumentParser], None]
-    help: str
-    description: str
-
-
-def _model_commands() -> tuple[_Command, ...]:
-    """The subcommands that run a model (built when the parser is, so that the handlers are looked up then)."""
-    return (
-        _Command(
-            "classify",
-            run_classify,
-            _classify_options,
-            help="labels of videos (audio track + frames), audio files or images",
-            description="Classify each input with an audio-visual classification model; prints the top labels.",
-        ),
-        _Command(
-            "embed",
-            run_embed,
-            _embed_options,
-            help="pooled audio / visual embeddings; writes a retrieval index",
-            description="Embed clips with a CAV-MAE model. --output writes a safetensors retrieval index for "
-            "`cavmae retrieve`; --json prints the embeddings.",
-        ),
-        _Command(
-            "retrieve",
-            run_retrieve,
-            _retrieve_options,
-            help="nearest clips of an index for videos, audio files or images",
-            description="Search an index written by `cavmae embed`. By default a query is matched across modalities: "
-            "its audio against the clips' frames (audio files, videos), its frames against the clips' audio (images).",
-        ),
-        _Command(
-            "reconstruct",
-            run_reconstruct,
-            _reconstruct_options,
-            help="mask and reconstruct a video's audio and a frame; writes a PNG",
-            description="Masked reconstruction with a pretraining checkpoint: original / masked / reconstruction of "
-            "one frame and of the spectrogram, as a PNG.",
-        ),
-    )
-
-
-def _add_model_command(commands, common, command: _Command):
-    parser = commands.add_parser(command.name, parents=[common], help=command.help, description=command.description)
-    command.add_options(parser)
-    _add_output_options(parser)
-    parser.set_defaults(handler=command.handler)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cavmae",
-        description="CAV-MAE (Contrastive Audio-Visual Masked Autoencoder): classify, embed, retrieve and reconstruct "
-        "videos, convert original checkpoints.",
-        epilog="Exit codes: 0 ok, 2 usage or input error, 1 unexpected error.",
-    )
-    _add_common_options(parser, default=False)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    _add_common_options(common, default=argparse.SUPPRESS)  # also accepted after the command
-    for command in _model_commands():
-        _add_model_command(commands, common, command)
-
-    convert = commands.add_parser(
-        "convert", add_help=False, help="convert an original CAV-MAE .pth checkpoint (see `cavmae convert --help`)"
-    )
-    convert.set_defaults(handler=run_convert, passthrough_allowed=True)
-    demo = commands.add_parser("demo", add_help=False, help="interactive demo (see `cavmae demo --help`)")
-    demo.set_defaults(handler=run_demo, passthrough_allowed=True)
-    return parser
-
-
-def main(argv=None) -> int:
-    """Entry point of the `cavmae` console script; returns the exit code."""
-    parser = build_parser()
-    try:
-        args, rest = parser.parse_known_args(argv)
-    except SystemExit as exit_:  # argparse: --help (0) or a usage error (2)
-        return int(exit_.code or 0)
-    if rest and not getattr(args, "passthrough_allowed", False):
-        parser.print_usage(sys.stderr)
-        print(f"cavmae: error: unrecognized arguments: {' '.join(rest)}", file=sys.stderr)
-        return EXIT_USAGE
-    args.passthrough = rest
+def run(args) -> int:
+    """Run the command that `cavmae_hf_cli.parse_arguments` parsed; returns the exit code. A `CavMaeError` is one
+    `error:` line and exit code 2; anything else is an internal error: one line and exit code 1 (with `--debug`,
+    the traceback)."""
     if args.quiet:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
     try:
-        return args.handler(args)
-    except SystemExit as exit_:  # a delegated parser (convert, demo) exiting
+        return _handler(args.command)(args)
+    except SystemExit as exit_:  # the demo's own parser exiting
         return exit_.code if isinstance(exit_.code, int) else (EXIT_OK if exit_.code is None else EXIT_USAGE)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except _input_errors() as error:
+    except CavMaeError as error:
         if args.debug:
             raise
         print(f"error: {_one_line(error)}", file=sys.stderr)
@@ -511,10 +395,16 @@ def main(argv=None) -> int:
         if args.debug:
             raise
         print(
-            f"unexpected error: {type(error).__name__}: {_one_line(error)} (rerun with --debug for the traceback)",
+            f"internal error: {type(error).__name__}: {_one_line(error)} (a bug: rerun with --debug for the "
+            "traceback and report it)",
             file=sys.stderr,
         )
-        return EXIT_UNEXPECTED
+        return EXIT_INTERNAL
+
+
+def main(argv=None) -> int:
+    """The `cavmae` command line on `argv` (default: `sys.argv[1:]`); returns the exit code."""
+    return cavmae_hf_cli.main(argv)
 
 
 def _one_line(error: BaseException) -> str:

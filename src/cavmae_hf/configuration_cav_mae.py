@@ -16,7 +16,13 @@ class CavMaeError(ValueError):
 
 
 class CavMaeConfigError(CavMaeError):
-    """A CAV-MAE configuration value is out of range or inconsistent with another one."""
+    """A configuration value (of the model, of training, of generated data) is out of range or inconsistent with
+    another one."""
+
+
+class CavMaeArgumentError(CavMaeError, TypeError):
+    """A CAV-MAE function or pipeline got keyword arguments it does not take (also a `TypeError`, as Python's own
+    error for a misspelt argument is)."""
 
 
 class CavMaeConfig(PretrainedConfig):

@@ -14,9 +14,7 @@ nothing are left out, both listed; shapes must still match. (The reference's Ima
 pretraining, `IN-initial.pth`, is a whole pretraining checkpoint and needs no `--partial`.)
 """
 
-import argparse
 import csv
-import json
 import re
 import sys
 from dataclasses import dataclass, field
@@ -437,69 +435,20 @@ def _write_model_card(output_dir: Path, model, source_name: str):
     (output_dir / "README.md").write_text(render_model_card(model, source_name), encoding="utf-8")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m cavmae_hf.convert_original_checkpoint",
-        description="Convert an original CAV-MAE .pth checkpoint into a save_pretrained directory.",
+def convert_from_arguments(args) -> dict:
+    """Run [`convert_checkpoint`] with the options of `cavmae convert` (see `cavmae_hf_cli.add_convert_options`);
+    returns the summary the command prints."""
+    model, mapping = convert_checkpoint(
+        args.checkpoint,
+        args.output,
+        label_csv=args.label_csv,
+        num_mel_bins=args.num_mel_bins,
+        num_attention_heads=args.num_attention_heads,
+        decoder_num_attention_heads=args.decoder_num_attention_heads,
+        classification_mode=args.classification_mode,
+        problem_type=args.problem_type,
+        partial=args.partial,
     )
-    parser.add_argument("--checkpoint", required=True, help="original .pth file (flat state dict)")
-    parser.add_argument("--output", required=True, help="directory to write")
-    parser.add_argument("--label-csv", help="CSV with index,mid,display_name for id2label (AudioSet's ships)")
-    parser.add_argument("--num-mel-bins", type=_positive_int, default=128)
-    parser.add_argument(
-        "--num-attention-heads", type=_positive_int, help="encoder heads (default: 12 for the released 768-wide models)"
-    )
-    parser.add_argument(
-        "--decoder-num-attention-heads",
-        type=_positive_int,
-        help="decoder heads (default: 16 for the released 512-wide decoders)",
-    )
-    parser.add_argument(
-        "--classification-mode",
-        choices=("multimodal", "audio", "visual"),
-        help="what a fine-tuned model pools (audio-only and visual-only fine-tuned checkpoints need it)",
-    )
-    parser.add_argument(
-        "--problem-type",
-        choices=("single_label_classification", "multi_label_classification"),
-        help="default: multi-label for 527 (AudioSet) labels, single-label otherwise",
-    )
-    parser.add_argument(
-        "--partial",
-        action="store_true",
-        help="a starting point that covers only part of the model: missing "
-        "weights keep their initialisation, unknown keys are left out; both are listed",
-    )
-    return parser
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        model, mapping = convert_checkpoint(
-            args.checkpoint,
-            args.output,
-            label_csv=args.label_csv,
-            num_mel_bins=args.num_mel_bins,
-            num_attention_heads=args.num_attention_heads,
-            decoder_num_attention_heads=args.decoder_num_attention_heads,
-            classification_mode=args.classification_mode,
-            problem_type=args.problem_type,
-            partial=args.partial,
-        )
-    except (CheckpointConversionError, ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     summary = {
         "output": str(args.output),
         "model_class": type(model).__name__,
@@ -508,8 +457,14 @@ def main(argv=None) -> int:
     }
     if args.partial:
         summary.update(initialized_keys=mapping.initialized, ignored_original_keys=mapping.ignored)
-    print(json.dumps(summary))
-    return 0
+    return summary
+
+
+def main(argv=None) -> int:
+    """`python -m cavmae_hf.convert_original_checkpoint ARGS` is `cavmae convert ARGS`; returns the exit code."""
+    from .cli import main as cavmae_main
+
+    return cavmae_main(["convert", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from transformers.feature_extraction_utils import BatchFeature, FeatureExtractionMixin
 
-from .configuration_cav_mae import CavMaeError
+from .configuration_cav_mae import CavMaeArgumentError, CavMaeError
 
 try:  # PIL is a dependency of the package; the guard keeps audio-only trust_remote_code users working without it
     from PIL import Image, ImageOps
@@ -515,7 +515,7 @@ class CavMaeFeatureExtractor(FeatureExtractionMixin):
             device: where to compute the fbank (default: the device of a torch input, else CPU).
         """
         if kwargs:
-            raise TypeError(f"CavMaeFeatureExtractor got unexpected arguments: {sorted(kwargs)}")
+            raise CavMaeArgumentError(f"CavMaeFeatureExtractor got unexpected arguments: {sorted(kwargs)}")
         if audio is None and images is None:
             raise CavMaeFeatureExtractionError("Give `audio`, `images` or both.")
         data = {}
@@ -534,7 +534,7 @@ class CavMaeFeatureExtractor(FeatureExtractionMixin):
             if return_tensors is None:
                 data = {k: list(v) for k, v in data.items()}
         elif return_tensors != "pt":
-            raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}.")
+            raise CavMaeFeatureExtractionError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}.")
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     # Audio ------------------------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ from statistics import NormalDist
 import numpy as np
 import torch
 
+from .configuration_cav_mae import CavMaeConfigError
+
 RECALL_AT = (1, 5, 10)
 
 
@@ -77,7 +79,10 @@ def classification_metrics(problem_type: str = "single_label_classification"):
     - `"multi_label_classification"`: `mAP`, `mAUC`, `d_prime` (and `accuracy`, as the reference prints it).
     """
     if problem_type not in ("single_label_classification", "multi_label_classification"):
-        raise ValueError(f"No classification metrics for problem_type={problem_type!r}.")
+        raise CavMaeConfigError(
+            f"No classification metrics for problem_type={problem_type!r}: give 'single_label_classification' or "
+            "'multi_label_classification'."
+        )
 
     def compute_metrics(eval_prediction) -> dict[str, float]:
         scores, targets = eval_prediction.predictions, eval_prediction.label_ids
@@ -102,7 +107,9 @@ def true_pair_ranks(query_embeds: torch.Tensor, target_embeds: torch.Tensor, chu
     similarity matrix.
     """
     if query_embeds.shape != target_embeds.shape:
-        raise ValueError(
+        from .retrieval import RetrievalError  # here: retrieval.py imports the pipelines
+
+        raise RetrievalError(
             f"Retrieval needs one target per query: got {tuple(query_embeds.shape)} and {tuple(target_embeds.shape)}."
         )
     queries = torch.nn.functional.normalize(torch.as_tensor(query_embeds).float(), dim=-1)

@@ -52,7 +52,7 @@ from .media import (
     probe_streams,
     resample,
 )
-from .configuration_cav_mae import CavMaeError
+from .configuration_cav_mae import CavMaeArgumentError, CavMaeError
 from .feature_extraction_cav_mae import CavMaeFeatureExtractionError, CavMaeFeatureExtractor
 from .modeling_cav_mae import AUDIO, VISUAL, CavMaeInputError
 
@@ -437,7 +437,8 @@ def checkpoint_shapes(model_dir) -> dict[str, tuple[int, ...]]:
                     shapes[key] = tuple(handle.get_slice(key).get_shape())
         except (SafetensorError, OSError, ValueError) as error:
             raise CheckpointLoadError(
-                f"{path} is not a readable safetensors file: it is truncated or corrupt ({_first_line(error)})."
+                f"{path} is not a readable safetensors file: it is truncated or corrupt ({_first_line(error)}); "
+                "download or save it again."
             ) from None
     return shapes
 
@@ -552,7 +553,9 @@ class _CavMaePipeline(Pipeline):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if getattr(self.model.config, "model_type", None) != "cav_mae":
-            raise ValueError(f"The {self.task!r} pipeline needs a CAV-MAE model, got {type(self.model).__name__}.")
+            raise CavMaeInputError(
+                f"The {self.task!r} pipeline needs a CAV-MAE model, got {type(self.model).__name__}."
+            )
         self.model.eval()
         if self.feature_extractor is None:
             # transformers leaves it None when the directory's preprocessor_config.json failed to load: that file is
@@ -576,10 +579,12 @@ class _CavMaePipeline(Pipeline):
         }
         if mismatched:
             details = ", ".join(f"{k}={got} (model: {want})" for k, (got, want) in mismatched.items())
-            raise ValueError(f"The feature extractor does not fit the model: {details}.")
+            raise CheckpointLoadError(f"The feature extractor does not fit the model: {details}.")
         rate = getattr(extractor, "sampling_rate", None)
         if not isinstance(rate, int) or isinstance(rate, bool) or rate <= 0:
-            raise ValueError(f"The feature extractor's sampling_rate must be a positive integer, got {rate!r}.")
+            raise CheckpointLoadError(
+                f"The feature extractor's sampling_rate must be a positive integer, got {rate!r}."
+            )
 
     def __call__(self, inputs, *args, **kwargs):
         if isinstance(inputs, tuple):
@@ -656,7 +661,7 @@ class _CavMaePipeline(Pipeline):
     @staticmethod
     def _reject_unknown(kwargs: dict):
         if kwargs:
-            raise TypeError(f"Unexpected pipeline arguments: {sorted(kwargs)}")
+            raise CavMaeArgumentError(f"Unexpected pipeline arguments: {sorted(kwargs)}")
 
     @staticmethod
     def _decoding_params(num_frames, frame_selection, frame_transform, audio_precision) -> dict:
@@ -665,7 +670,7 @@ class _CavMaePipeline(Pipeline):
         params = {}
         if num_frames is not None:
             if not isinstance(num_frames, numbers.Integral) or isinstance(num_frames, bool) or num_frames < 1:
-                raise ValueError(f"num_frames must be a whole number of at least 1, got {num_frames!r}.")
+                raise CavMaeInputError(f"num_frames must be a whole number of at least 1, got {num_frames!r}.")
             params["num_frames"] = int(num_frames)
         choices = {"frame_selection": FRAME_SELECTIONS, "frame_transform": FRAME_TRANSFORMS}
         choices["audio_precision"] = AUDIO_PRECISIONS
@@ -673,7 +678,7 @@ class _CavMaePipeline(Pipeline):
         given = {name: value for name, value in options.items() if value is not None}
         for name, value in given.items():
             if value not in choices[name]:
-                raise ValueError(f"{name} must be one of {choices[name]}, got {value!r}.")
+                raise CavMaeInputError(f"{name} must be one of {choices[name]}, got {value!r}.")
         if given:
             params["video_options"] = given
         return params
@@ -703,7 +708,7 @@ class AudioVisualClassificationPipeline(_CavMaePipeline):
         super().__init__(*args, **kwargs)
         architectures = getattr(self.model.config, "architectures", None) or []
         if not hasattr(self.model, "classifier"):
-            raise ValueError(
+            raise CavMaeInputError(
                 f"The {self.task!r} pipeline needs CavMaeForAudioVisualClassification, got {type(self.model).__name__}."
             )
         if architectures and not any(name.endswith("ForAudioVisualClassification") for name in architectures):
@@ -726,11 +731,11 @@ class AudioVisualClassificationPipeline(_CavMaePipeline):
             top_k = kwargs.pop("top_k")
             num_labels = self.model.config.num_labels
             if top_k is not None and (not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or top_k < 1):
-                raise ValueError(f"top_k must be a whole number of at least 1 (or None for all labels), got {top_k!r}.")
+                raise CavMaeInputError(f"top_k must be a whole number of at least 1 (or None for all labels), got {top_k!r}.")
             postprocess_params["top_k"] = num_labels if top_k is None else min(int(top_k), num_labels)
         if function_to_apply is not None:
             if function_to_apply not in ("softmax", "sigmoid", "none"):
-                raise ValueError(
+                raise CavMaeInputError(
                     f"function_to_apply must be 'softmax', 'sigmoid' or 'none', got {function_to_apply!r}."
                 )
             postprocess_params["function_to_apply"] = function_to_apply
@@ -859,6 +864,30 @@ class AudioVisualFeatureExtractionPipeline(_CavMaePipeline):
 # ----------------------------------------------------------------------------------------------------------------
 # Registration
 # ----------------------------------------------------------------------------------------------------------------
+class _CheckedLoading:
+    """`from_pretrained` of a local directory checks it first, as [`load_model`] does (a CAV-MAE `config.json`,
+    readable weight files whose shapes fit it), so that `transformers.pipeline(task, model=directory)` names a
+    damaged file and what to do instead of failing inside safetensors or torch with no file name. Transformers
+    reports the [`CheckpointLoadError`] inside its own `ValueError` ("Could not load model ..."), whose message
+    ends with it."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        directory = Path(str(pretrained_model_name_or_path)).expanduser()
+        if isinstance(pretrained_model_name_or_path, (str, os.PathLike)) and directory.is_dir():
+            config = read_config(directory)
+            check_weights_fit(directory, config, cls._model_mapping[type(config)])
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+
+class CheckedAutoModelForAudioClassification(_CheckedLoading, AutoModelForAudioClassification):
+    """The model class of the `"audio-visual-classification"` pipeline (see `_CheckedLoading`)."""
+
+
+class CheckedAutoModel(_CheckedLoading, AutoModel):
+    """The model class of the `"audio-visual-feature-extraction"` pipeline (see `_CheckedLoading`)."""
+
+
 _registered = False
 
 
@@ -871,13 +900,13 @@ def register_pipelines():
     PIPELINE_REGISTRY.register_pipeline(
         CLASSIFICATION_TASK,
         pipeline_class=AudioVisualClassificationPipeline,
-        pt_model=AutoModelForAudioClassification,
+        pt_model=CheckedAutoModelForAudioClassification,
         type="multimodal",
     )
     PIPELINE_REGISTRY.register_pipeline(
         FEATURE_EXTRACTION_TASK,
         pipeline_class=AudioVisualFeatureExtractionPipeline,
-        pt_model=AutoModel,
+        pt_model=CheckedAutoModel,
         type="multimodal",
     )
     _registered = True

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .configuration_cav_mae import CavMaeConfigError
+
 TIMBRES = ("tone", "odd_harmonics", "all_harmonics", "noise_band", "chirp", "warble")
 SHAPES = ("disc", "square", "triangle", "diamond", "cross", "ring", "hbar", "vbar", "x", "half_disc", "frame", "dots")
 LOWEST_PITCH_HZ = 300.0
@@ -65,7 +67,7 @@ class SyntheticClip:
 def class_specs(num_classes: int) -> list[SyntheticClassSpec]:
     """`num_classes` distinct (timbre, pitch, shape, colour) combinations; up to 12 shapes, colours spread evenly."""
     if not 1 <= num_classes <= len(SHAPES) * len(TIMBRES):
-        raise ValueError(f"num_classes must be between 1 and {len(SHAPES) * len(TIMBRES)}, got {num_classes}.")
+        raise CavMaeConfigError(f"num_classes must be between 1 and {len(SHAPES) * len(TIMBRES)}, got {num_classes}.")
     specs = []
     for index in range(num_classes):
         fraction = index / max(num_classes - 1, 1)
@@ -110,7 +112,7 @@ def _timbre_wave(timbre: str, pitch_hz: float, times: np.ndarray, rng: np.random
         return np.sin(2 * np.pi * np.cumsum(pitch_hz * 2**sweep) * (times[1] - times[0]))
     if timbre == "warble":
         return np.sin(phase + 3.0 * np.sin(2 * np.pi * 12.0 * times))
-    raise ValueError(f"Unknown timbre {timbre!r}.")
+    raise CavMaeConfigError(f"Unknown timbre {timbre!r}: one of {', '.join(TIMBRES)}.")
 
 
 def synthesize_audio(

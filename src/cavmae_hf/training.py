@@ -46,7 +46,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length
 from transformers.utils import logging
 
-from .configuration_cav_mae import CavMaeConfig, CavMaeError
+from .configuration_cav_mae import CavMaeConfig, CavMaeConfigError, CavMaeError
 from .data import (
     DEFAULT_NUM_FRAMES,
     ON_ERROR_CHOICES,
@@ -62,6 +62,7 @@ from .data import (
     read_label_csv,
 )
 from .metrics import retrieval_metrics
+from .pipelines import CheckpointLoadError
 
 logger = logging.get_logger(__name__)
 
@@ -140,11 +141,11 @@ class CavMaeTrainingArguments(TrainingArguments):
     def __post_init__(self):
         super().__post_init__()
         if self.lr_schedule not in ("reference_step", "transformers"):
-            raise ValueError(f"lr_schedule must be 'reference_step' or 'transformers', got {self.lr_schedule!r}.")
+            raise CavMaeConfigError(f"lr_schedule must be 'reference_step' or 'transformers', got {self.lr_schedule!r}.")
         if self.lr_decay_every < 1:
-            raise ValueError(f"lr_decay_every must be at least 1, got {self.lr_decay_every}.")
+            raise CavMaeConfigError(f"lr_decay_every must be at least 1, got {self.lr_decay_every}.")
         if self.weight_averaging and not 1 <= self.wa_start <= self.wa_end:
-            raise ValueError(f"Need 1 <= wa_start <= wa_end, got {self.wa_start} and {self.wa_end}.")
+            raise CavMaeConfigError(f"Need 1 <= wa_start <= wa_end, got {self.wa_start} and {self.wa_end}.")
 
 
 @dataclass
@@ -415,7 +416,7 @@ def freeze_backbone(model: torch.nn.Module) -> int:
         parameter.requires_grad_(keep)
         trainable += parameter.numel() if keep else 0
     if trainable == 0:
-        raise ValueError("freeze_base: the model has no classification head to train.")
+        raise CavMaeConfigError("freeze_base: the model has no classification head to train.")
     return trainable
 
 
@@ -441,7 +442,7 @@ class WeightAveragingCallback(TrainerCallback):
 
     def __init__(self, start_epoch: int = 1, end_epoch: int = 10, apply_at_end: bool = True):
         if not 1 <= start_epoch <= end_epoch:
-            raise ValueError(f"Need 1 <= start_epoch <= end_epoch, got {start_epoch} and {end_epoch}.")
+            raise CavMaeConfigError(f"Need 1 <= start_epoch <= end_epoch, got {start_epoch} and {end_epoch}.")
         self.start_epoch = start_epoch
         self.end_epoch = end_epoch
         self.apply_at_end = apply_at_end
@@ -538,7 +539,7 @@ def average_checkpoints(checkpoints) -> dict[str, torch.Tensor]:
     """
     checkpoints = [Path(path) for path in checkpoints]
     if not checkpoints:
-        raise ValueError("average_checkpoints needs at least one checkpoint.")
+        raise CavMaeConfigError("average_checkpoints needs at least one checkpoint.")
     total = None
     for folder in checkpoints:
         weights = load_file(str(folder / "model.safetensors"))
@@ -547,7 +548,7 @@ def average_checkpoints(checkpoints) -> dict[str, torch.Tensor]:
             dtypes = {name: tensor.dtype for name, tensor in weights.items()}
             continue
         if weights.keys() != total.keys():
-            raise ValueError(f"{folder} holds other weights than {checkpoints[0]}.")
+            raise CheckpointLoadError(f"{folder} holds other weights than {checkpoints[0]}.")
         for name, tensor in weights.items():
             if tensor.is_floating_point():
                 total[name] += tensor.double()
@@ -563,7 +564,7 @@ def average_epoch_checkpoints(output_dir, start_epoch: int, end_epoch: int) -> d
     wanted = list(range(start_epoch, end_epoch + 1))
     missing = [epoch for epoch in wanted if epoch not in by_epoch]
     if missing:
-        raise ValueError(
+        raise CheckpointLoadError(
             f"No end-of-epoch checkpoint for epochs {missing} in {output_dir} (save_strategy='epoch' and a "
             "save_total_limit that keeps them are needed)."
         )
@@ -1068,7 +1069,7 @@ def parse_config_overrides(text: str | None) -> dict:
     overrides = {}
     for item in filter(None, (part.strip() for part in (text or "").split(","))):
         if "=" not in item:
-            raise ValueError(f"config override {item!r} is not name=value.")
+            raise CavMaeConfigError(f"config override {item!r} is not name=value.")
         name, value = (piece.strip() for piece in item.split("=", 1))
         overrides[name] = json.loads(value.lower()) if value.lower() in ("true", "false", "null") else _number(value)
     return overrides
@@ -1090,7 +1091,7 @@ def data_config_consistent(config: CavMaeConfig, audio_length: int, num_mel_bins
     wrong = {name: (given[name], expected[name]) for name in expected if given[name] != expected[name]}
     if wrong:
         details = ", ".join(f"{name}={g} but the model has {e}" for name, (g, e) in wrong.items())
-        raise ValueError(f"Data arguments do not fit the model: {details}.")
+        raise CavMaeConfigError(f"Data arguments do not fit the model: {details}.")
 
 
 __all__ = [
