@@ -474,6 +474,26 @@ def test_pipeline_collections(classifier, workspace):
     assert len(classifier(stereo, top_k=None)) == 5  # [2, N] is one stereo clip, not a batch of two
 
 
+WEIGHT_DAMAGE = [
+    (lambda d: (d / "model.safetensors").unlink(), r"has no weights \(model.safetensors not found\)"),
+    (
+        lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:5000]),
+        "model.safetensors is not a readable safetensors file: it is truncated or corrupt .*; download or save it again",
+    ),
+    (lambda d: (d / "model.safetensors").write_bytes(b"\xff" * 1000), "truncated or corrupt"),
+    (
+        lambda d: (d / "config.json").write_text(
+            (d / "config.json").read_text().replace('"hidden_size": 32', '"hidden_size": 64')
+        ),
+        r"do not fit its config.json: \d+ tensor\(s\) differ, e.g. cav_mae",
+    ),
+    (
+        lambda d: save_file({"conv1.weight": torch.zeros(2, 3)}, str(d / "model.safetensors")),
+        "None of the 1 tensors .* belong to a CAV-MAE model",
+    ),
+]
+
+
 @pytest.mark.parametrize(
     "edit,message",
     [
@@ -483,22 +503,7 @@ def test_pipeline_collections(classifier, workspace):
             "holds a model of type 'bert', not a CAV-MAE checkpoint",
         ),
         (lambda d: (d / "config.json").unlink(), "no config.json"),
-        (lambda d: (d / "model.safetensors").unlink(), r"has no weights \(model.safetensors not found\)"),
-        (
-            lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:5000]),
-            "model.safetensors is not a readable safetensors file: it is truncated or corrupt",
-        ),
-        (lambda d: (d / "model.safetensors").write_bytes(b"\xff" * 1000), "truncated or corrupt"),
-        (
-            lambda d: (d / "config.json").write_text(
-                (d / "config.json").read_text().replace('"hidden_size": 32', '"hidden_size": 64')
-            ),
-            r"do not fit its config.json: \d+ tensor\(s\) differ, e.g. cav_mae",
-        ),
-        (
-            lambda d: save_file({"conv1.weight": torch.zeros(2, 3)}, str(d / "model.safetensors")),
-            "None of the 1 tensors .* belong to a CAV-MAE model",
-        ),
+        *WEIGHT_DAMAGE,
         (
             lambda d: (d / "preprocessor_config.json").write_text("{broken"),
             "preprocessor_config.json could not be read",
@@ -518,26 +523,6 @@ def test_damaged_model_directories(workspace, tmp_path, capsys, edit, message):
         cav_mae_pipeline(CLASSIFICATION_TASK, folder)
     code, _, err = run_cli(["classify", workspace / "clip.mp4", "--model", folder, "-q"], capsys)
     assert_one_line(code, err, message)
-
-
-WEIGHT_DAMAGE = [
-    (lambda d: (d / "model.safetensors").unlink(), r"has no weights \(model.safetensors not found\)"),
-    (
-        lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:5000]),
-        "model.safetensors is not a readable safetensors file: it is truncated or corrupt .*; download or save it again",
-    ),
-    (lambda d: (d / "model.safetensors").write_bytes(b"\xff" * 1000), "truncated or corrupt"),
-    (
-        lambda d: (d / "config.json").write_text(
-            (d / "config.json").read_text().replace('"hidden_size": 32', '"hidden_size": 64')
-        ),
-        r"do not fit its config.json: \d+ tensor\(s\) differ",
-    ),
-    (
-        lambda d: save_file({"conv1.weight": torch.zeros(2, 3)}, str(d / "model.safetensors")),
-        "None of the 1 tensors .* belong to a CAV-MAE model",
-    ),
-]
 
 
 @pytest.mark.parametrize("task", [CLASSIFICATION_TASK, FEATURE_EXTRACTION_TASK])
