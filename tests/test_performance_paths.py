@@ -181,7 +181,34 @@ def test_onednn_linear_products_match_the_default_ones(tiny_config, kernels_swit
     calls.clear()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(audio, images, *noise)
-    assert not calls  # autocast keeps its own (lower-precision) products
+    assert bool(calls) == (torch.bfloat16 in kernels._ONEDNN_DTYPES)  # oneDNN's bfloat16 products where the CPU has them
+
+
+@pytest.mark.skipif(torch.bfloat16 not in kernels._ONEDNN_DTYPES, reason="no oneDNN bfloat16 products on this CPU")
+@pytest.mark.parametrize("mode", ["bfloat16 weights", "bfloat16 autocast"])
+def test_onednn_bfloat16_products_match_the_default_ones(tiny_config, kernels_switch, monkeypatch, mode):
+    model = CavMaeForPreTraining(tiny_config).train()
+    if mode == "bfloat16 weights":
+        model = model.to(torch.bfloat16)
+    autocast_dtype = torch.bfloat16 if mode == "bfloat16 autocast" else None
+    audio, images, noise = make_inputs(tiny_config)
+    kernels.ENABLED = False
+    default_out, default = pretraining_gradients(model, audio, images, noise, autocast_dtype)
+    calls = []
+    onednn = kernels._ONEDNN_LINEAR
+    monkeypatch.setattr(kernels, "_ONEDNN_LINEAR", lambda *args: calls.append(args[0].dtype) or onednn(*args))
+    kernels.ENABLED = True
+    onednn_out, through_onednn = pretraining_gradients(model, audio, images, noise, autocast_dtype)
+    linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert len(calls) >= 2 * linears and set(calls) == {torch.bfloat16}
+    assert onednn_out.visual_logits.dtype == torch.bfloat16
+    assert torch.allclose(default_out.loss.float(), onednn_out.loss.float(), rtol=2e-2)
+    cosine = torch.nn.functional.cosine_similarity
+    assert cosine(default_out.visual_logits.float().flatten(), onednn_out.visual_logits.float().flatten(), dim=0) > 0.999
+    assert default.keys() == through_onednn.keys() and len(default) > 20
+    for name, gradient in default.items():
+        assert through_onednn[name].dtype == next(model.parameters()).dtype, name
+        assert cosine(gradient.float().flatten(), through_onednn[name].float().flatten(), dim=0) > 0.99, name
 
 
 # Gradient checkpointing ------------------------------------------------------------------------------------------

@@ -323,3 +323,50 @@ def test_video_options_reach_the_decoder(extractor, media_dir, options):
     assert not torch.allclose(chosen["frame_embeds"], default["frame_embeds"], atol=1e-6)
     with pytest.raises(ValueError, match="frame_transform must be one of"):
         extractor(str(video), frame_transform="bicubic")
+
+
+# Preprocessing ahead of the model --------------------------------------------------------------------------------
+def test_preprocessing_threads_keep_the_order_and_the_results(extractor, media_dir):
+    inputs = [str(media_dir / name) for name in ("a.mp4", "tone.wav", "silent.mp4", "b.mp4", "frame.png")]
+    serial = extractor(inputs, batch_size=2, num_workers=0, return_tensors=True)
+    for workers, batch_size in ((1, 1), (3, 2), (2, 4)):
+        threaded = extractor((path for path in inputs), batch_size=batch_size, num_workers=workers, return_tensors=True)
+        threaded = list(threaded)
+        assert len(threaded) == len(serial)
+        for expected, actual in zip(serial, threaded):
+            assert expected.keys() == actual.keys()
+            for name in expected:
+                torch.testing.assert_close(actual[name], expected[name], atol=1e-5, rtol=0)
+
+
+def test_preprocessing_runs_in_threads_ahead_of_the_consumer():
+    import threading
+
+    from cavmae_hf.pipelines import preprocessed
+
+    threads = set()
+
+    def preprocess(item):
+        threads.add(threading.current_thread().name)
+        return item * 2
+
+    consumed = preprocessed(iter(range(20)), preprocess, {}, num_workers=2, look_ahead=4)
+    assert list(consumed) == [2 * i for i in range(20)]
+    assert threads and all(name.startswith("cavmae-preprocess") for name in threads)
+    assert list(preprocessed(range(3), preprocess, {}, num_workers=0, look_ahead=0)) == [0, 2, 4]
+
+
+def test_a_failing_input_raises_at_its_turn_with_threads(extractor, media_dir, tmp_path):
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video")
+    inputs = [str(media_dir / "a.mp4"), str(broken), str(media_dir / "b.mp4")]
+    outputs = iter(extractor((path for path in inputs), batch_size=1, num_workers=2, return_tensors=True))
+    assert "audio_embeds" in next(outputs)
+    with pytest.raises(MediaError, match="broken.mp4"):
+        next(outputs)
+
+
+@pytest.mark.parametrize("workers", [-1, 1.5, True])
+def test_num_workers_must_be_a_count(extractor, media_dir, workers):
+    with pytest.raises(ValueError, match="num_workers"):
+        extractor([str(media_dir / "a.mp4")], num_workers=workers)

@@ -6,8 +6,13 @@ modeling file calls [`linear_layer`], [`layer_norm_linear`] and [`gelu_linear`] 
 - Matrix products on CPU. PyTorch runs float32 matmuls on CPU through MKL, whose kernels on non-Intel x86 CPUs (e.g.
   AMD EPYC) use AVX2 even where AVX-512 is available; oneDNN, PyTorch's other CPU backend, uses AVX-512 there, which
   doubles the throughput of the linear layers (measured on an AMD EPYC: ~210 vs ~440 GFLOP/s on 2 cores). The products
-  stay IEEE float32 (only the summation order differs, ~1e-6 relative). So on CPU in float32 without autocast, the
-  forward and both backward products of every linear layer go through oneDNN.
+  stay IEEE float32 (only the summation order differs, ~1e-6 relative). So on CPU in float32, the forward and both
+  backward products of every linear layer go through oneDNN.
+- bfloat16 on CPU. Where the CPU has bfloat16 instructions (AVX512-BF16, AMX, Arm's BF16), oneDNN's bfloat16
+  products (float32 accumulation) are used both for a model loaded in bfloat16 and under bfloat16 autocast, where
+  the operands are cast to the autocast dtype first, as autocast would cast them for `nn.Linear`; LayerNorm and the
+  residual stream then stay in float32, as under autocast without these kernels. On other devices and dtypes the
+  products are PyTorch's `linear` / `mm` in the same dtypes.
 - Memory while training. LayerNorm + linear keeps only its input for the backward pass and re-normalises it there;
   GELU + linear keeps only the pre-activation and recomputes the GELU. Together this cuts the activation memory of
   training by more than a third for ~1-2 % more time.
@@ -15,7 +20,8 @@ modeling file calls [`linear_layer`], [`layer_norm_linear`] and [`gelu_linear`] 
 One switch: `ENABLED = False` on this module (or the environment variable `CAVMAE_FAST_KERNELS=0` before import) runs
 the plain modules everywhere. The fast paths also stand aside by themselves where they do not apply: modules that are
 not bare `nn.Linear` / `nn.LayerNorm` (quantised, adapted or hooked), under `torch.compile` (the compiler chooses the
-kernels), and, for the oneDNN products, off the CPU, outside float32 or under autocast.
+kernels), and, for the oneDNN products, off the CPU, or in dtypes other than float32 and (where the CPU supports it)
+bfloat16.
 
 This file imports only torch and the standard library, so that it travels with `save_pretrained` checkpoints.
 """
@@ -35,17 +41,31 @@ def _find_onednn_linear():
         return None
 
 
+def _find_onednn_dtypes() -> tuple:
+    if _ONEDNN_LINEAR is None:
+        return ()
+    try:
+        bfloat16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        bfloat16 = False
+    return (torch.float32, torch.bfloat16) if bfloat16 else (torch.float32,)
+
+
 _ONEDNN_LINEAR = _find_onednn_linear()
+_ONEDNN_DTYPES = _find_onednn_dtypes()
 
 
 # Public entry points -----------------------------------------------------------------------------------------------
 def linear_layer(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """`module(inputs)` for an `nn.Linear`, through oneDNN on CPU in float32."""
-    if not _is_plain(module, nn.Linear) or not _onednn_applicable(inputs, module.weight, module.bias):
+    """`module(inputs)` for an `nn.Linear`, through oneDNN on CPU in float32 and bfloat16 (also under autocast)."""
+    if not _is_plain(module, nn.Linear):
+        return module(inputs)
+    operands = _autocast_operands(inputs, module.weight, module.bias)
+    if not _onednn_applicable(*operands):
         return module(inputs)
     if _records_gradients(inputs, module):
-        return _LinearFunction.apply(inputs, module.weight, module.bias)
-    return _linear(inputs, module.weight, module.bias)
+        return _LinearFunction.apply(*operands)
+    return _ONEDNN_LINEAR(*operands, "none", [], "")
 
 
 def layer_norm_linear(norm: nn.Module, module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -98,24 +118,35 @@ def _records_gradients(hidden_states: torch.Tensor, module: nn.Module) -> bool:
 
 
 def _onednn_applicable(*tensors) -> bool:
-    """Whether the products of these tensors (`None` ignored) can run through oneDNN's float32 kernels."""
-    if not ENABLED or _ONEDNN_LINEAR is None or torch.compiler.is_compiling():
+    """Whether the products of these tensors (`None` ignored), all of one dtype, can run through oneDNN's kernels."""
+    if not ENABLED or not _ONEDNN_DTYPES or torch.compiler.is_compiling():
         return False
-    if torch.is_autocast_enabled("cpu"):
-        return False
-    return all(
+    dtype = tensors[0].dtype
+    return dtype in _ONEDNN_DTYPES and all(
         tensor is None
-        or (type(tensor) in (torch.Tensor, nn.Parameter) and tensor.device.type == "cpu" and tensor.dtype == torch.float32)
+        or (type(tensor) in (torch.Tensor, nn.Parameter) and tensor.device.type == "cpu" and tensor.dtype == dtype)
         for tensor in tensors
     )
 
 
+def _autocast_operands(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+    """The operands of a linear layer as autocast would pass them to the product: cast to the autocast dtype when
+    autocast is on for their device (a cast autograd records, so gradients reach the float32 weights), else as
+    they are."""
+    device_type = inputs.device.type
+    if not torch.is_autocast_enabled(device_type) or not inputs.is_floating_point():
+        return inputs, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    return inputs.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
 # Products ----------------------------------------------------------------------------------------------------------
 def _linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`linear(inputs, weight, bias)` without autograd (inside the functions below, or without gradients)."""
-    if _onednn_applicable(inputs, weight, bias):
-        return _ONEDNN_LINEAR(inputs, weight, bias, "none", [], "")
-    return nn.functional.linear(inputs, weight, bias)
+    """`linear(inputs, weight, bias)` without autograd (inside the functions below), in the autocast dtype if on."""
+    operands = _autocast_operands(inputs, weight, bias)
+    if _onednn_applicable(*operands):
+        return _ONEDNN_LINEAR(*operands, "none", [], "")
+    return nn.functional.linear(*operands)
 
 
 def _grad_input_product(grad_rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
