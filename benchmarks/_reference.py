@@ -121,7 +121,7 @@ def load_reference_weights_into(ours: torch.nn.Module, reference: torch.nn.Modul
     if mapping.unmapped:
         raise RuntimeError(f"reference keys without a mapping: {mapping.unmapped}")
     ours.load_state_dict(mapping.state_dict, strict=True)
-    ours._freeze_position_embeddings()
+    ours.freeze_parameters()
 
 
 def reference_encoder_streams(reference, audio, frames):

@@ -1,16 +1,21 @@
 """
-Audio front-end throughput: our batched torch Kaldi fbank against transformers' ASTFeatureExtractor (the same
-Kaldi fbank computed by a peer: torchaudio when importable, else numpy), on the same 10 s clips, in one run.
+Audio front-end throughput: our batched torch Kaldi fbank against transformers' ASTFeatureExtractor, the same
+Kaldi fbank computed by a peer, through both of its paths: torchaudio's `compliance.kaldi.fbank` (its default when
+torchaudio is importable, what its users have) and its numpy path, on the same 10 s clips, in one run.
 
     python benchmarks/feature_extraction.py [--clips 64] [--rounds 3] [--passes 2] [--threads N]
 
-Prints clips per second for batch 1 and batch 32, the difference of the raw fbank between the two, and one
-summary line of ratios. The configurations take turns (`rounds` times; in each turn an untimed pass, then `passes`
-timed ones; the median counts), so that load from other processes falls on all of them alike and none is timed
-cold after another one ran.
+The torchaudio path needs torchaudio importable; the project's environment does not have it (benchmarks/README.md
+shows a venv beside it that has its pure-Python `torchaudio.compliance.kaldi`); without it only the numpy path is
+timed. Prints clips per second for batch 1 and batch 32, the load average before and after, the difference of the
+raw fbank between ours and each path, and one summary line of ratios. The configurations take turns (`rounds`
+times; in each turn an untimed pass, then `passes` timed ones; the median counts), so that load from other
+processes falls on all of them alike and none is timed cold after another one ran.
 """
 
 import argparse
+import contextlib
+import os
 import statistics
 import time
 import warnings
@@ -18,6 +23,7 @@ import warnings
 import numpy as np
 import torch
 from transformers import ASTFeatureExtractor
+from transformers.models.audio_spectrogram_transformer import feature_extraction_audio_spectrogram_transformer as ast
 
 from cavmae_hf.feature_extraction_cav_mae import CavMaeFeatureExtractor
 
@@ -66,46 +72,69 @@ def main():
     clips = make_clips(args.clips)
 
     ours = CavMaeFeatureExtractor(do_normalize=False)
-    with warnings.catch_warnings():  # 128 Kaldi mel filters over 257 bins: the lowest are narrower than a bin
-        warnings.filterwarnings("ignore", message="At least one mel filter has all zero values")
-        peer = ASTFeatureExtractor(num_mel_bins=128, max_length=1024, do_normalize=False)
-    try:
-        import torchaudio  # noqa: F401
-
-        backend = "torchaudio"
-    except ImportError:
-        backend = "numpy"
+    backends = ["torchaudio", "numpy"] if ast.is_speech_available() else ["numpy"]
+    peers = {backend: peer_path(backend) for backend in backends}
 
     def run_ours(batch):
         return ours(batch, sampling_rate=16000, return_tensors="pt")["input_features"]
 
-    def run_peer(batch):
-        return peer(batch, sampling_rate=16000, return_tensors="pt")["input_values"]
-
-    names = {run_ours: "cavmae-hf (torch, batched)", run_peer: f"ASTFeatureExtractor ({backend})"}
-    configurations = {(names[f], b): f for f in (run_ours, run_peer) for b in BATCH_SIZES}
+    names = {"ours": "cavmae-hf (torch, batched)"} | {b: f"ASTFeatureExtractor ({b})" for b in backends}
+    runs = {"ours": run_ours} | peers
+    configurations = {(names[key], b): runs[key] for key in runs for b in BATCH_SIZES}
+    load_before = os.getloadavg()
     rates = measure(configurations, clips, args.rounds, args.passes)
-
-    compared = min(8, len(clips))
-    difference = (run_ours(clips[:compared])[:, :998] - run_peer(clips[:compared])[:, :998]).abs()
+    load_after = os.getloadavg()
 
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; peer backend: {backend}; "
-        f"{len(clips)} clips of 10 s"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; peer paths: {', '.join(backends)}"
+        + ("" if "torchaudio" in backends else " (torchaudio not importable)")
+        + f"; {len(clips)} clips of 10 s; load average before %.2f %.2f %.2f, after %.2f %.2f %.2f"
+        % (load_before + load_after)
     )
     print(f"{'extractor':<34}{'batch':>6}{'clips/s':>10}{'ms/clip':>10}")
     for (name, batch_size), rate in rates.items():
         print(f"{name:<34}{batch_size:>6}{rate:>10.1f}{1000 / rate:>10.2f}")
+    compared = min(8, len(clips))
+    for backend, run_peer in peers.items():
+        difference = (run_ours(clips[:compared])[:, :998] - run_peer(clips[:compared])[:, :998]).abs()
+        print(
+            f"raw fbank, ours vs {backend} ({compared} clips x 998 frames x 128 bins): max abs difference "
+            f"{difference.max().item():.2e}, mean {difference.mean().item():.2e}"
+        )
+    parts = []
+    for backend in backends:
+        ratios = {b: rates[(names["ours"], b)] / rates[(names[backend], b)] for b in BATCH_SIZES}
+        parts.append(f"ours / {backend}: " + ", ".join(f"batch {b} {ratio:.2f}x" for b, ratio in ratios.items()))
     print(
-        f"raw fbank, ours vs peer ({compared} clips x 998 frames x 128 bins): max abs difference "
-        f"{difference.max().item():.2e}, mean {difference.mean().item():.2e}"
+        "SUMMARY: clips/s, " + "; ".join(parts)
+        + f"; ours batch 32 / ours batch 1: {rates[(names['ours'], 32)] / rates[(names['ours'], 1)]:.2f}x"
+        + "; load average %.2f -> %.2f" % (load_before[0], load_after[0])
     )
-    ratios = {b: rates[(names[run_ours], b)] / rates[(names[run_peer], b)] for b in BATCH_SIZES}
-    print(
-        f"SUMMARY: ours / peer({backend}) clips/s: "
-        + ", ".join(f"batch {b} {ratio:.2f}x" for b, ratio in ratios.items())
-        + f"; ours batch 32 / ours batch 1: {rates[(names[run_ours], 32)] / rates[(names[run_ours], 1)]:.2f}x"
-    )
+
+
+@contextlib.contextmanager
+def speech_available(value: bool):
+    """ASTFeatureExtractor asks `is_speech_available()` (torchaudio importable) when built and on every call."""
+    saved = ast.is_speech_available
+    ast.is_speech_available = lambda: value
+    try:
+        yield
+    finally:
+        ast.is_speech_available = saved
+
+
+def peer_path(backend: str):
+    """ASTFeatureExtractor computing through `backend` ("torchaudio" or "numpy"), as a function of a batch."""
+    with warnings.catch_warnings(), speech_available(backend == "torchaudio"):
+        # 128 Kaldi mel filters over 257 bins: the lowest are narrower than a bin
+        warnings.filterwarnings("ignore", message="At least one mel filter has all zero values")
+        peer = ASTFeatureExtractor(num_mel_bins=128, max_length=1024, do_normalize=False)
+
+    def run(batch):
+        with speech_available(backend == "torchaudio"):
+            return peer(batch, sampling_rate=16000, return_tensors="pt")["input_values"]
+
+    return run
 
 
 if __name__ == "__main__":
