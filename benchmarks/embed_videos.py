@@ -108,7 +108,7 @@ def save_models(folder: Path, reference_models):
 # Ours: `cavmae embed` ----------------------------------------------------------------------------------------------
 def run_embed(paths, model_dir: Path, output: Path, batch_size: int, dtype: str, num_frames: int):
     command = [
-        sys.executable, "-m", "cavmae_hf.cli", "embed", *map(str, paths), "--model", str(model_dir),
+        sys.executable, "-m", "cavmae_hf_cli", "embed", *map(str, paths), "--model", str(model_dir),
         "--output", str(output), "--batch-size", str(batch_size), "--dtype", dtype, "--num-frames", str(num_frames),
         "-q",
     ]
