@@ -39,15 +39,14 @@ from dataclasses import dataclass, field
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from cavmae_hf import CavMaeConfig, CavMaeForAudioVisualClassification
-from cavmae_hf.data import finetuning_transforms, label_set_of, labels_for_classification, with_transform
+from cavmae_hf.data import finetuning_transforms, label_set_of, labels_for_classification
 from cavmae_hf.distributed import end_distributed_run
 from cavmae_hf.metrics import classification_metrics
 from cavmae_hf.training import (
     CavMaeTrainer,
     CavMaeTrainingArguments,
     DataArguments,
-    data_config_consistent,
-    feature_extractor_from_data_args,
+    feature_extractor_for_model,
     load_train_and_eval_datasets,
     parse_config_overrides,
     parse_script_arguments,
@@ -110,9 +109,7 @@ def build_model(model_args, data_args, label_set, problem_type) -> CavMaeForAudi
     if model_args.model_name_or_path:
         return CavMaeForAudioVisualClassification.from_pretrained(model_args.model_name_or_path, **fields)
     logger.warning("No --model_name_or_path: fine-tuning a randomly initialised CAV-MAE.")
-    sizes = {"audio_length": data_args.audio_length, "num_mel_bins": data_args.num_mel_bins}
-    config = CavMaeConfig(**sizes, image_size=data_args.image_size, **fields)
-    return CavMaeForAudioVisualClassification(config)
+    return CavMaeForAudioVisualClassification(CavMaeConfig(**data_args.input_sizes(), **fields))
 
 
 @record  # under torchrun, the failing process's traceback appears in the launcher's summary
@@ -123,7 +120,6 @@ def main(argv=None):
     if data_args.streaming and training_args.balanced_sampling:
         raise ValueError("--balanced_sampling needs random access: it cannot be combined with --streaming.")
 
-    streaming, data_args.streaming = data_args.streaming, False  # labels are read before the set is made iterable
     train, evaluation = load_train_and_eval_datasets(data_args, training_args)
     label_set = label_set_of(train)
     if label_set is None:
@@ -132,8 +128,8 @@ def main(argv=None):
     logger.info(f"{len(label_set)} classes, {problem_type}.")
 
     model = build_model(model_args, data_args, label_set, problem_type)
-    data_config_consistent(model.config, data_args.audio_length, data_args.num_mel_bins, data_args.image_size)
-    feature_extractor = feature_extractor_from_data_args(data_args)
+    # the checkpoint's own feature extractor (else one fitting the config); --audio_length etc. override it
+    feature_extractor = feature_extractor_for_model(model_args.model_name_or_path, model.config, data_args)
     eval_frames = int(data_args.eval_frames) if data_args.eval_frames.isdigit() else data_args.eval_frames
     train_transform, eval_transform = finetuning_transforms(
         feature_extractor,
@@ -147,15 +143,17 @@ def main(argv=None):
         eval_frames=eval_frames,
         **transform_options(data_args),
     )
-    if streaming:
-        train = streaming_training_set(train, training_args, data_args.shuffle_buffer_size)
+    if data_args.streaming:
+        train = streaming_training_set(train, training_args, train_transform, data_args.shuffle_buffer_size)
+    else:
+        train = train.with_transform(train_transform)
     if training_args.weight_averaging and training_args.load_best_model_at_end:
         raise ValueError("Choose --weight_averaging or --load_best_model_at_end: both set the final weights.")
 
     trainer = CavMaeTrainer(
         model=model,
         args=training_args,
-        train_dataset=with_transform(train, train_transform, training_args.per_device_train_batch_size),
+        train_dataset=train,
         eval_dataset=evaluation.with_transform(eval_transform) if evaluation is not None else None,
         compute_metrics=classification_metrics(problem_type),
     )

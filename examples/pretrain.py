@@ -31,17 +31,17 @@ from dataclasses import dataclass, field
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from cavmae_hf import CavMaeConfig, CavMaeForPreTraining
-from cavmae_hf.data import pretraining_transforms, with_transform
+from cavmae_hf.data import pretraining_transforms
 from cavmae_hf.distributed import end_distributed_run
 from cavmae_hf.training import (
     CavMaeTrainer,
     CavMaeTrainingArguments,
     DataArguments,
-    data_config_consistent,
-    feature_extractor_from_data_args,
+    feature_extractor_for_model,
     load_train_and_eval_datasets,
     parse_config_overrides,
     parse_script_arguments,
+    streaming_training_set,
     train_save_and_evaluate,
     transform_options,
 )
@@ -101,14 +101,9 @@ def build_model(model_args: PretrainingModelArguments, data_args: DataArguments)
     if model_args.model_name_or_path:
         return CavMaeForPreTraining.from_pretrained(model_args.model_name_or_path, **fields)
     if model_args.config_name:
-        config = CavMaeConfig.from_pretrained(model_args.config_name, **fields)
+        config = CavMaeConfig.from_pretrained(model_args.config_name, **data_args.input_sizes(), **fields)
     else:
-        config = CavMaeConfig(
-            audio_length=data_args.audio_length,
-            num_mel_bins=data_args.num_mel_bins,
-            image_size=data_args.image_size,
-            **fields,
-        )
+        config = CavMaeConfig(**data_args.input_sizes(), **fields)
     return CavMaeForPreTraining(config)
 
 
@@ -118,16 +113,20 @@ def main(argv=None):
         (PretrainingModelArguments, DataArguments, CavMaeTrainingArguments), argv
     )
     model = build_model(model_args, data_args)
-    data_config_consistent(model.config, data_args.audio_length, data_args.num_mel_bins, data_args.image_size)
-    feature_extractor = feature_extractor_from_data_args(data_args)
+    # the checkpoint's own feature extractor (else one fitting the config); --audio_length etc. override it
+    feature_extractor = feature_extractor_for_model(model_args.model_name_or_path, model.config, data_args)
     train, evaluation = load_train_and_eval_datasets(data_args, training_args)
     train_transform, eval_transform = pretraining_transforms(
         feature_extractor, data_args.noise, data_args.num_frames, **transform_options(data_args)
     )
+    if data_args.streaming:
+        train = streaming_training_set(train, training_args, train_transform, data_args.shuffle_buffer_size)
+    else:
+        train = train.with_transform(train_transform)
     trainer = CavMaeTrainer(
         model=model,
         args=training_args,
-        train_dataset=with_transform(train, train_transform, training_args.per_device_train_batch_size),
+        train_dataset=train,
         eval_dataset=evaluation.with_transform(eval_transform) if evaluation is not None else None,
     )
     train_save_and_evaluate(trainer, feature_extractor)

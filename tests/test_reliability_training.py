@@ -57,6 +57,7 @@ TESTS = Path(__file__).resolve().parent
 RUN_SCRIPT = TESTS / "training_run.py"
 SUBPROCESS_TIMEOUT = 240  # generous: a loaded 2-core machine; the runs themselves take a few seconds
 STEPS = 8  # 12 clips, 3 per step, 2 epochs
+collate = AudioVisualDataCollator()
 
 
 @pytest.fixture(scope="module")
@@ -96,23 +97,22 @@ def test_broken_clip_is_skipped_with_a_warning_and_counted(tmp_path, clips, extr
     with caplog.at_level(logging.WARNING, logger="cavmae_hf.data"):
         examples = dataset.with_transform(transform).__getitems__([0, 1, 2, 3])
     assert len(examples) == 3  # the broken clip is left out, not replaced
-    assert transform.skipped_clips == 1 and transform.seen_clips == 4
+    assert transform.skipped_clips == 1 and transform.seen_clips == 4 and transform.skip_counter.total == 1
     warning = next(record.getMessage() for record in caplog.records if record.levelno == logging.WARNING)
     clip_id = clips[1]["clip_id"]
     assert repr(clip_id) in warning and str(missing(tmp_path)) in warning and "File not found" in warning
 
-    batch = AudioVisualDataCollator(report_skipped=True)(examples)
-    assert batch["skipped_clips"].tolist() == [1, 0, 0] and batch["input_features"].shape[0] == 3
+    batch = AudioVisualDataCollator()(examples)
+    assert set(batch) == {"input_features", "pixel_values"} and batch["input_features"].shape[0] == 3
     constant = batch["input_features"].flatten(1).std(dim=1)
     assert (constant > 0.1).all()  # real clips only, no constant stand-in
-    assert "skipped_clips" not in AudioVisualDataCollator()(examples)  # model(**batch) gets model inputs only
 
 
 def test_on_error_raise_names_the_clip_and_its_file(tmp_path, clips, extractor):
     dataset = break_clips(clips.select(range(3)), [2], missing(tmp_path))
     transform = AudioVisualTransform(extractor, training=True, on_error="raise")
     with pytest.raises(CavMaeDataError, match="File not found") as caught:
-        dataset.with_transform(transform)[:3]
+        collate(dataset.with_transform(transform)[:3])
     assert isinstance(caught.value, CavMaeError) and isinstance(caught.value, ValueError)
     assert repr(clips[2]["clip_id"]) in str(caught.value) and str(missing(tmp_path)) in str(caught.value)
     with pytest.raises(CavMaeDataError, match="on_error must be one of"):
@@ -122,7 +122,7 @@ def test_on_error_raise_names_the_clip_and_its_file(tmp_path, clips, extractor):
 def test_a_batch_of_only_broken_clips_raises_a_clear_error(tmp_path, clips, extractor):
     dataset = break_clips(clips.select(range(3)), [0, 1, 2], missing(tmp_path))
     with pytest.raises(CavMaeDataError, match="Every clip of a batch of 3 failed to load") as caught:
-        dataset.with_transform(AudioVisualTransform(extractor, training=True))[:3]
+        collate(dataset.with_transform(AudioVisualTransform(extractor, training=True))[:3])
     assert all(repr(clip_id) in str(caught.value) for clip_id in clips.select(range(3))["clip_id"])
     with pytest.raises(CavMaeDataError, match="empty batch"):
         AudioVisualDataCollator()([])
@@ -132,14 +132,14 @@ def test_mostly_broken_data_fails_loudly(tmp_path, clips, extractor):
     every_other = break_clips(clips, list(range(0, 12, 2)), missing(tmp_path))
     counted = AudioVisualTransform(extractor, training=True, max_skipped=1, max_skipped_fraction=None)
     dataset = every_other.with_transform(counted)
-    dataset[0:2]  # one broken clip: within the limit
+    collate(dataset[0:2])  # one broken clip: within the limit
     with pytest.raises(CavMaeDataError, match="2 clips failed to load, more than max_skipped=1"):
         dataset[2:4]
 
     share = AudioVisualTransform(extractor, training=True, max_skipped_fraction=0.25)
     dataset = datasets.concatenate_datasets([every_other, every_other]).with_transform(share)
     for start in range(0, 16, 4):  # half of every batch fails, but fewer than 20 clips were seen: no verdict yet
-        assert dataset[start : start + 4]["input_features"].shape[0] == 2
+        assert collate(dataset[start : start + 4])["input_features"].shape[0] == 2
     with pytest.raises(CavMaeDataError, match="more than max_skipped_fraction=0.25 of the 20 clips seen"):
         dataset[16:20]
     check_skip_limits(2, 100, max_skipped=None, max_skipped_fraction=0.05)  # 2 % of 100: fine
@@ -205,14 +205,14 @@ def test_training_augmentation_is_seeded_per_batch_and_leaves_the_global_generat
     transform.seed = 3
     dataset = clips.with_transform(transform)
     state = torch.get_rng_state()
-    first = dataset[:4]
+    first = collate(dataset[:4])
     assert torch.equal(torch.get_rng_state(), state)  # the model's masking draws are not shifted by the data
-    torch.testing.assert_close(dataset[:4], first, rtol=0, atol=0)  # same seed, epoch and clips: same batch
+    torch.testing.assert_close(collate(dataset[:4]), first, rtol=0, atol=0)  # same seed, epoch and clips: same batch
     transform.set_epoch(1)
-    assert not torch.equal(dataset[:4]["input_features"], first["input_features"])
+    assert not torch.equal(collate(dataset[:4])["input_features"], first["input_features"])
     transform.set_epoch(0)
     transform.seed = 4
-    assert not torch.equal(dataset[:4]["input_features"], first["input_features"])
+    assert not torch.equal(collate(dataset[:4])["input_features"], first["input_features"])
 
 
 def test_set_epoch_reaches_persistent_dataloader_workers(clips, extractor):
@@ -222,7 +222,7 @@ def test_set_epoch_reaches_persistent_dataloader_workers(clips, extractor):
     expected = []
     for epoch in (0, 1):
         transform.set_epoch(epoch)
-        expected.append(dataset[:4]["input_features"])
+        expected.append(collate(dataset[:4])["input_features"])
     transform.set_epoch(0)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=4, num_workers=1, persistent_workers=True, collate_fn=AudioVisualDataCollator()
@@ -337,10 +337,8 @@ def test_streaming_run_resumes_across_epochs_with_the_same_shuffle_and_loss_curv
         after = range(step + 1, 13)
         assert [got[s] for s in after] == pytest.approx([expected[s] for s in after], rel=1e-6, abs=1e-7), step
     if workers == 0:  # the recorded clip order (with workers, the transform runs in the worker processes)
-        order = uninterrupted.train_dataset._ex_iterable  # noqa: SLF001 - only to find the recording transform
-        while not isinstance(getattr(order, "function", None), AudioVisualTransform):
-            order = order.ex_iterable
-        epochs = [sorted(map(tuple, order.function.batches[e * 4 : e * 4 + 4])) for e in range(3)]
+        recorded = uninterrupted.train_dataset.transform.batches
+        epochs = [sorted(map(tuple, recorded[e * 4 : e * 4 + 4])) for e in range(3)]
         assert epochs[0] != epochs[1] != epochs[2], "the stream is reshuffled every epoch"
 
 

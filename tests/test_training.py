@@ -11,10 +11,12 @@ import pytest
 import torch
 from conftest import tiny_config_kwargs
 from safetensors.torch import load_file
-from transformers import EvalPrediction, HfArgumentParser
+from transformers import EvalPrediction, HfArgumentParser, Trainer, TrainingArguments
 
 from cavmae_hf import CavMaeConfig, CavMaeFeatureExtractor, CavMaeForAudioVisualClassification, CavMaeForPreTraining
 from cavmae_hf.data import (
+    AudioVisualDataCollator,
+    CavMaeDataError,
     dataset_from_folder,
     decode_clips,
     finetuning_transforms,
@@ -34,6 +36,7 @@ from cavmae_hf.metrics import (
 from cavmae_hf.training import (
     LOSS_COMPONENTS,
     CavMaeTrainer,
+    SkippedClipsCallback,
     CavMaeTrainingArguments,
     DataArguments,
     WeightAveragingCallback,
@@ -273,7 +276,7 @@ def test_argument_dataclasses_parse_the_reference_recipe():
             "--lr_decay_every", "1", "--weight_averaging", "--wa_start", "3", "--wa_end", "15", "--balanced_sampling",
         ]
     )
-    assert data.train_data == "train.json" and data.audio_length == 1024
+    assert data.train_data == "train.json" and data.audio_length is None  # the model's, unless given
     assert training.head_lr == 100 and training.wa_end == 15 and training.balanced_sampling
     assert training.remove_unused_columns is False and training.adam_beta1 == 0.95
     assert parse_config_overrides("hidden_size=192, norm_pix_loss=false,contrastive_temperature=0.1") == {
@@ -293,6 +296,57 @@ def test_balanced_sampling_draws_rare_classes_more_often(tmp_path, clips, extrac
     labels = [unbalanced_labels[i] for _ in range(300) for i in sampler]
     shares = np.bincount(labels, minlength=3) / len(labels)
     assert np.all(np.abs(shares - 1 / 3) < 0.08)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The plain Trainer
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def folder_with_a_broken_clip(tmp_path_factory):
+    """9 videos in 3 class folders and one file among them that is not a video."""
+    root = tmp_path_factory.mktemp("folder_with_a_broken_clip")
+    write_synthetic_videos(root, num_classes=NUM_CLASSES, clips_per_class=3, duration=0.7, image_size=32, fps=10)
+    broken = sorted(path for path in root.iterdir() if path.is_dir())[0] / "broken.mp4"
+    broken.write_bytes(b"\x00\x00\x00\x18ftypmp42 this is not a video")
+    return root
+
+
+def train_on_the_folder(trainer_class, tmp_path, root, extractor, **arguments):
+    clips = dataset_from_folder(root)
+    train, _ = finetuning_transforms(
+        extractor, NUM_CLASSES, freqm=0, timem=0, mixup=0.0, noise=False, label_smoothing=0.0
+    )
+    values = dict(
+        output_dir=str(tmp_path / "run"), per_device_train_batch_size=5, num_train_epochs=8, learning_rate=2e-3,
+        logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, dataloader_pin_memory=False,
+        use_cpu=True, seed=0, remove_unused_columns=False,
+    )  # fmt: skip
+    values.update(arguments)
+    trainer = trainer_class(
+        model=CavMaeForAudioVisualClassification(CavMaeConfig(**tiny_config_kwargs(num_labels=NUM_CLASSES))),
+        args=TrainingArguments(**values),
+        train_dataset=clips.with_transform(train),
+        data_collator=AudioVisualDataCollator(),
+        callbacks=[SkippedClipsCallback()],
+    )
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize("trainer_class", [Trainer, CavMaeTrainer], ids=["Trainer", "CavMaeTrainer"])
+def test_training_on_a_folder_with_a_broken_clip(tmp_path, folder_with_a_broken_clip, extractor, trainer_class):
+    trainer = train_on_the_folder(trainer_class, tmp_path, folder_with_a_broken_clip, extractor)
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 16  # 10 files, 5 per batch, 8 epochs: the run finished
+    losses = [entry["loss"] for entry in logs]
+    assert np.mean(losses[-4:]) < 0.7 * np.mean(losses[:4])
+    skipped = [entry["skipped_clips"] for entry in logs]
+    assert skipped == sorted(skipped) and skipped[-1] == 8  # the broken file, once per epoch
+
+
+def test_plain_trainer_without_remove_unused_columns_false_is_told_so(tmp_path, folder_with_a_broken_clip, extractor):
+    with pytest.raises(CavMaeDataError, match="remove_unused_columns=False"):
+        train_on_the_folder(Trainer, tmp_path, folder_with_a_broken_clip, extractor, remove_unused_columns=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import tiny_config_kwargs  # noqa: E402
 
 from cavmae_hf import CavMaeConfig, CavMaeFeatureExtractor, CavMaeForPreTraining  # noqa: E402
-from cavmae_hf.data import AudioVisualTransform, with_transform  # noqa: E402
+from cavmae_hf.data import AudioVisualTransform  # noqa: E402
 from cavmae_hf.distributed import end_distributed_run  # noqa: E402
 from cavmae_hf.training import CavMaeTrainer, CavMaeTrainingArguments, streaming_training_set  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
@@ -78,8 +78,7 @@ def build_trainer(clips, output_dir, callbacks=(), streaming_buffer: int | None 
     if streaming_buffer is None:
         train = clips.with_transform(augmented_transform(extractor))
     else:
-        stream = streaming_training_set(clips, args, streaming_buffer)
-        train = with_transform(stream, augmented_transform(extractor), args.per_device_train_batch_size)
+        train = streaming_training_set(clips, args, augmented_transform(extractor), streaming_buffer)
     return CavMaeTrainer(model=model, args=args, train_dataset=train, callbacks=list(callbacks))
 
 

@@ -18,14 +18,17 @@ video paths and labels) and [`dataset_from_reference_json`] (the CAV-MAE referen
 `index,mid,display_name`). [`decode_clips`] turns video rows into encoded audio and frames once, so later epochs
 skip the video decoder.
 
-[`AudioVisualTransform`] is what `Dataset.with_transform` / `set_transform` (or `IterableDataset.map` for
-streaming) runs on each batch: decoding (PyAV and soundfile, no torchcodec), the Kaldi fbank and frame
-preprocessing of [`CavMaeFeatureExtractor`], and the reference's training-time augmentation: a random frame of
-10 (the middle one at evaluation, or all of them for multi-frame evaluation), SpecAugment frequency/time masking
-(`freqm`, `timem`), mixup of waveforms, frames and labels (lambda ~ Beta(10, 10)), the noise + time-roll
-augmentation, and label smoothing. [`AudioVisualDataCollator`] stacks the results.
+The data path, for the Trainer or any DataLoader: `dataset.with_transform(transform)` with an
+[`AudioVisualTransform`] decodes each clip the DataLoader draws (PyAV and soundfile, no torchcodec: the waveform and
+only the frames it needs), and [`AudioVisualDataCollator`] turns the decoded clips of a batch into model inputs at
+once: the Kaldi fbank of [`CavMaeFeatureExtractor`] over the whole batch, the frames resized and cropped as bytes and
+normalised as one tensor, and the reference's training-time augmentation: a random frame of 10 (the middle one at
+evaluation, or all of them for multi-frame evaluation), SpecAugment frequency/time masking (`freqm`, `timem`), mixup
+of waveforms, frames and labels (lambda ~ Beta(10, 10)), the noise + time-roll augmentation, and label smoothing.
+Streams (`datasets.IterableDataset`) go through [`with_transform`] (a [`TransformedStream`]).
 
-Faults: a clip that fails to load is skipped with a warning naming it and counted (`on_error="skip"`, the default),
+Faults: a clip that fails to load is left out of its batch with a warning naming it and counted (`on_error="skip"`,
+the default; [`cavmae_hf.training.SkippedClipsCallback`] logs the count),
 stops the run with a [`CavMaeDataError`] naming it (`"raise"`), or, only when asked (`"stand_in"`), is replaced by
 the reference's constant stand-in; `max_skipped` / `max_skipped_fraction` make a mostly broken dataset fail loudly.
 Training augmentation is drawn from a generator seeded per batch by `(seed, epoch, clips)`, so a resumed run repeats
@@ -40,7 +43,7 @@ import logging
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
@@ -391,10 +394,19 @@ def balanced_sample_weights(dataset) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
 class DecodedClip:
-    """A clip's mono float32 waveform at `sampling_rate` and its chosen frames (RGB PIL images)."""
+    """
+    A clip's mono float32 waveform at `sampling_rate` and its chosen frames (RGB PIL images). The
+    [`AudioVisualTransform`] that decoded it also sets `labels` (class indices), `key` (what identifies the clip for
+    the augmentation seeds), `transform` (itself: [`AudioVisualDataCollator`] asks it to batch the clip) and
+    `stand_in` (the reference's constant stand-in for a clip that failed to load, with `on_error="stand_in"`).
+    """
 
     waveform: np.ndarray
     frames: list
+    labels: Sequence[int] = ()
+    key: tuple = ()
+    transform: "AudioVisualTransform | None" = field(default=None, repr=False)
+    stand_in: bool = False
 
 
 def _read_encoded_audio(audio: dict, sampling_rate: int, max_seconds: float | None) -> np.ndarray:
@@ -705,8 +717,15 @@ def smoothed_targets(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The transform
+# The transform and the collator
 # ----------------------------------------------------------------------------------------------------------------
+CLIP_COLUMN = "clip"
+RAW_COLUMNS = ("video", "audio", "frames")
+# Slots of a skip counter: one per DataLoader worker (and one for the process itself), so that no two processes add
+# to the same number. Workers beyond this share slots (a lost increment is then possible, never a crash).
+SKIP_COUNTER_SLOTS = 128
+
+
 def _clip_key(row: dict) -> tuple:
     """What identifies a row for the augmentation seed: its id and the files it comes from."""
     audio = row.get("audio") or {}
@@ -714,31 +733,75 @@ def _clip_key(row: dict) -> tuple:
     return (row.get("clip_id"), row.get("video"), audio.get("path"), (frames[0] or {}).get("path"))
 
 
-def augmentation_seed(seed: int, epoch: int, rows: Sequence[dict]) -> int:
-    """A 63-bit seed from `(seed, epoch, the rows' clip ids and files)`: the same batch of the same epoch gets the
-    same seed in every process, DataLoader worker and resumed run."""
-    text = repr((int(seed), int(epoch), [_clip_key(row) for row in rows]))
+def augmentation_seed(seed: int, epoch: int, keys: Sequence[tuple]) -> int:
+    """A 63-bit seed from `(seed, epoch, the clips' keys)` (a key: a clip's id and files): the same clips of the same
+    epoch get the same seed in every process, DataLoader worker and resumed run."""
+    text = repr((int(seed), int(epoch), [tuple(key) for key in keys]))
     digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
 
-def _shared_counter() -> torch.Tensor:
-    """A 0-d integer tensor in shared memory (torch hands it to DataLoader workers by reference), or a plain one
-    where shared memory is not available."""
-    counter = torch.zeros((), dtype=torch.long)
+def _shared_counter(size=()) -> torch.Tensor:
+    """An integer tensor in shared memory (torch hands it to DataLoader workers by reference), or a plain one where
+    shared memory is not available."""
+    counter = torch.zeros(size, dtype=torch.long)
     try:
         return counter.share_memory_()
     except (RuntimeError, OSError):  # pragma: no cover - e.g. no /dev/shm
         return counter
 
 
+class SkipCounter:
+    """Clips that failed to load, counted in shared memory with one slot per DataLoader worker, so that the process
+    that owns the DataLoader reads what all its workers (persistent ones included) counted."""
+
+    def __init__(self):
+        self._slots = _shared_counter((SKIP_COUNTER_SLOTS,))
+        self._taken = 0
+
+    def add(self, count: int) -> None:
+        if count:
+            worker = torch.utils.data.get_worker_info()
+            slot = 0 if worker is None else 1 + worker.id % (SKIP_COUNTER_SLOTS - 1)
+            self._slots[slot] += count
+
+    @property
+    def total(self) -> int:
+        """Clips counted so far, by this process and its DataLoader workers."""
+        return int(self._slots.sum())
+
+    def take(self) -> int:
+        """Clips counted since the last `take` (of this process)."""
+        total = self.total
+        new, self._taken = total - self._taken, total
+        return new
+
+
+def _check_raw_columns(batch: dict) -> None:
+    if not any(column in batch for column in RAW_COLUMNS):
+        raise CavMaeDataError(
+            f"The clip rows reached the transform without their {', '.join(RAW_COLUMNS)} columns (it got "
+            f"{sorted(batch) or 'no columns'}). The Trainer drops dataset columns that the model's forward does not "
+            "take: pass TrainingArguments(remove_unused_columns=False) (CavMaeTrainingArguments does by default)."
+        )
+
+
 class AudioVisualTransform:
     """
-    Turns a batch of dataset rows into model inputs: `input_features` `[B, T, F]`, `pixel_values` `[B, 3, S, S]`
-    (or `[B, num_frames, 3, S, S]` with `frame_index="all"`), with `num_labels`, `labels` `[B, num_labels]` (float
-    multi-hot, smoothed and mixed as the reference), and `skipped_clips` `[B]` (the number of clips of the batch
-    that failed to load, on its first row; [`AudioVisualDataCollator`] hands it to [`CavMaeTrainer`], which logs
-    the total). Use it with `dataset.with_transform(transform)`.
+    The reference's data pipeline for training and evaluation, in two steps:
+
+    1. `transform(batch)` (what `dataset.with_transform(transform)` runs on the rows a DataLoader draws) decodes each
+       clip: its waveform and the frames it needs (a random one of `num_frames` in training), into
+       `{"clip": [DecodedClip, ...]}`, one per clip that loaded.
+    2. [`AudioVisualDataCollator`] (the Trainer's `data_collator`) hands the decoded clips of a batch back to the
+       transform that decoded them, whose `collate` computes the batch's model inputs at once: the Kaldi fbank of
+       all waveforms in one call, the frames resized and cropped as bytes and normalised as one tensor, and the
+       training augmentation. `input_features` `[B, T, F]`, `pixel_values` `[B, 3, S, S]` (or
+       `[B, num_frames, 3, S, S]` with `frame_index="all"`), and with `num_labels` `labels` `[B, num_labels]` (float
+       multi-hot, smoothed and mixed as the reference).
+
+    A clip that fails to load is left out of its batch (`on_error="skip"`), counted in `skip_counter` (read by
+    [`cavmae_hf.training.SkippedClipsCallback`], which logs the total), and named in a warning.
 
     Args:
         feature_extractor ([`CavMaeFeatureExtractor`]): fbank and frame preprocessing; its `max_length`,
@@ -757,28 +820,30 @@ class AudioVisualTransform:
         num_labels (`int`, *optional*): emit `labels`; None for pretraining.
         on_error (`"skip"`, `"raise"` or `"stand_in"`, defaults to `"skip"`): what a clip that fails to load
             (missing, truncated or corrupt file, no audio track, ...) does. `"skip"`: a warning names the clip and
-            the error, the clip is left out (its batch is one smaller) and counted in `skipped_clips`; a batch in
-            which every clip fails raises. `"raise"`: a [`CavMaeDataError`] naming the clip stops the run.
-            `"stand_in"`: the reference's behaviour, the clip is replaced by constants (fbank 0.01 before
-            normalisation, frames 0.01), logged and counted; only to reproduce the reference exactly.
+            the error, the clip is left out (its batch is one smaller) and counted; a batch in which every clip
+            fails raises. `"raise"`: a [`CavMaeDataError`] naming the clip stops the run. `"stand_in"`: the
+            reference's behaviour, the clip is replaced by constants (fbank 0.01 before normalisation, frames
+            0.01), logged and counted; only to reproduce the reference exactly.
         max_skipped (`int`, *optional*): raise once more clips than this failed to load.
         max_skipped_fraction (`float`, *optional*, defaults to 0.5): raise once more than this share of the clips
             seen failed to load (judged from the 20th clip on). The counts are per process, and per DataLoader
             worker with `dataloader_num_workers > 0`.
-        seed (`int`, *optional*): base seed of the training augmentation. With a seed, each training batch draws
-            its random frame, mixup, SpecAugment and noise from a generator seeded by `(seed, epoch, the batch's
-            clips)`, never from torch's global generator, so a run resumed from a checkpoint repeats the
-            augmentation of the uninterrupted run, whichever DataLoader worker draws the batch; call
-            [`set_epoch`] every epoch. [`CavMaeTrainer`] does both: it sets a None seed to
-            `TrainingArguments.data_seed` (or `seed`) and the epoch. Left None elsewhere (e.g. with a plain
-            `Trainer`), the augmentation draws from torch's global generator, fresh every epoch.
+        seed (`int`, *optional*): base seed of the training augmentation. With a seed, the random frame of a clip
+            is drawn from a generator seeded by `(seed, epoch, the clip)` and a batch's mixup, SpecAugment and
+            noise from one seeded by `(seed, epoch, the batch's clips)`, never from torch's global generator, so a
+            run resumed from a checkpoint repeats the augmentation of the uninterrupted run, whichever DataLoader
+            worker draws the batch; call [`set_epoch`] every epoch. [`cavmae_hf.training.AugmentationEpochCallback`]
+            does both (it sets a None seed to `TrainingArguments.data_seed`, or `seed`); [`CavMaeTrainer`] adds it.
+            Left None, the augmentation draws from torch's global generator, fresh every epoch.
 
     Attributes:
         skip_forbidden (`str` or None): when set, `"skip"` raises instead, with this reason: a consumer that needs
             whole batches (distributed evaluation gathers equal batches from every process) forbids skipping.
             [`CavMaeTrainer`] sets it on evaluation transforms under DDP.
-        skipped_clips (`int`): clips that failed to load so far (skipped or replaced), in this process / worker.
-        seen_clips (`int`): clips this transform was given so far, in this process / worker.
+        skip_counter ([`SkipCounter`]): clips that failed to load (skipped or replaced), over this process and its
+            DataLoader workers.
+        skipped_clips (`int`), seen_clips (`int`): clips that failed to load / were given so far, in this process
+            or worker (what `max_skipped` and `max_skipped_fraction` judge).
         epoch (`int`): the epoch mixed into the augmentation seed.
     """
 
@@ -823,6 +888,7 @@ class AudioVisualTransform:
         self.max_skipped_fraction = max_skipped_fraction
         self.seed = seed
         self.skip_forbidden = None
+        self.skip_counter = SkipCounter()
         self._epoch = _shared_counter()
         self.skipped_clips = 0
         self.seen_clips = 0
@@ -838,9 +904,8 @@ class AudioVisualTransform:
         return int(self._epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        """Mix `epoch` into the augmentation seed, so that every epoch augments a clip differently
-        ([`CavMaeTrainer`] calls this at the start of each epoch). The epoch lives in shared memory, so that
-        DataLoader workers, persistent ones included, see the change."""
+        """Mix `epoch` into the augmentation seed, so that every epoch augments a clip differently. The epoch lives
+        in shared memory, so that DataLoader workers, persistent ones included, see the change."""
         self._epoch.fill_(int(epoch))
 
     def frame_indices(self, generator: torch.Generator | None = None) -> list[int]:
@@ -852,65 +917,60 @@ class AudioVisualTransform:
             return [self.num_frames // 2]
         return [self.frame_index]
 
+    # Step 1: decoding, per clip ----------------------------------------------------------------------------------
     def __call__(self, batch: dict) -> dict:
+        """Decode a batch of dataset rows (columns, as `with_transform` gives them) into
+        `{"clip": [DecodedClip, ...]}`: one per clip that loaded (with `"skip"`), or per row."""
+        _check_raw_columns(batch)
         rows = _rows(batch)
-        generator = self._generator(rows)
-        clips, failures = self._decode(rows, generator)
+        clips, failures = self._decode(rows)
         self._count(len(rows), failures)
-        stand_ins = []
-        if self.on_error == "skip":
-            kept = [position for position, clip in enumerate(clips) if clip is not None]
-            rows, clips = [rows[position] for position in kept], [clips[position] for position in kept]
-        else:
-            stand_ins = [position for position, _ in failures]
-        output = self._model_inputs(rows, clips, stand_ins, generator)
-        skipped = torch.zeros(len(rows), dtype=torch.long)
-        skipped[:1] = len(failures)  # on the first row; the collator sums
-        output[SKIPPED_CLIPS] = skipped
-        return output
+        return {CLIP_COLUMN: [clip for clip in clips if clip is not None]}
 
-    def _generator(self, rows: list[dict]) -> torch.Generator | None:
-        """The batch's own generator in training with a `seed`; None (torch's global generator) without one, and
-        in evaluation, which draws nothing."""
+    def _generator(self, keys: Sequence[tuple]) -> torch.Generator | None:
+        """The generator of these clips' draws in training with a `seed`; None (torch's global generator) without
+        one, and in evaluation, which draws nothing."""
         if not self.training or self.seed is None:
             return None
-        return torch.Generator().manual_seed(augmentation_seed(self.seed, self.epoch, rows))
+        return torch.Generator().manual_seed(augmentation_seed(self.seed, self.epoch, keys))
 
-    def _decode(self, rows: list[dict], generator) -> tuple[list[DecodedClip | None], list[tuple[int, str]]]:
+    def _decode(self, rows: list[dict]) -> tuple[list[DecodedClip | None], list[tuple[int, str]]]:
         """The clips (None where one failed with `"skip"`) and the failures as `(position, description)`."""
         clips, failures = [], []
         extractor = self.feature_extractor
         for position, row in enumerate(rows):
-            indices = self.frame_indices(generator)  # drawn first: a failure does not shift later clips' draws
+            key = _clip_key(row)
+            indices = self.frame_indices(self._generator([key]))
             try:
                 clip = decode_clip(row, indices, self.num_frames, extractor.sampling_rate, self.audio_seconds)
             except Exception as error:  # noqa: BLE001 - decoders of damaged files raise many types
-                description = describe_failure(row, error)
-                if self.on_error == "raise":
-                    raise CavMaeDataError(f"Could not load {description}") from error
-                if self.on_error == "skip" and self.skip_forbidden:
-                    raise CavMaeDataError(f"Could not load {description}; {self.skip_forbidden}") from error
-                failures.append((position, description))
-                clip = None if self.on_error == "skip" else self._stand_in(len(indices))
-                action = "skipping it" if self.on_error == "skip" else "using the reference's constant stand-in"
-                logger.warning(
-                    "Could not load %s; %s (%d clips failed so far).",
-                    description,
-                    action,
-                    self.skipped_clips + len(failures),
-                )
+                clip = self._failed(row, error, len(indices), self.skipped_clips + len(failures) + 1)
+                failures.append((position, describe_failure(row, error)))
+            if clip is not None:
+                clip.labels, clip.key, clip.transform = row.get("labels") or [], key, self
             clips.append(clip)
         return clips, failures
 
-    def _stand_in(self, num_images: int) -> DecodedClip:
+    def _failed(self, row: dict, error: BaseException, num_images: int, failed_so_far: int) -> DecodedClip | None:
+        """What a clip that failed to load becomes: an error, nothing (`"skip"`) or the stand-in."""
+        description = describe_failure(row, error)
+        if self.on_error == "raise":
+            raise CavMaeDataError(f"Could not load {description}") from error
+        if self.on_error == "skip" and self.skip_forbidden:
+            raise CavMaeDataError(f"Could not load {description}; {self.skip_forbidden}") from error
+        action = "skipping it" if self.on_error == "skip" else "using the reference's constant stand-in"
+        logger.warning("Could not load %s; %s (%d clips failed so far).", description, action, failed_so_far)
+        if self.on_error == "skip":
+            return None
         extractor = self.feature_extractor
         blank = Image.new("RGB", (extractor.image_size, extractor.image_size))
-        return DecodedClip(np.zeros(extractor.sampling_rate, np.float32), [blank] * num_images)
+        return DecodedClip(np.zeros(extractor.sampling_rate, np.float32), [blank] * num_images, stand_in=True)
 
     def _count(self, num_rows: int, failures: list[tuple[int, str]]) -> None:
         """Update the counters; raise when a whole batch failed (with `"skip"`) or a limit is passed."""
         self.seen_clips += num_rows
         self.skipped_clips += len(failures)
+        self.skip_counter.add(len(failures))
         if not failures:
             return
         if self.on_error == "skip" and len(failures) == num_rows:
@@ -924,36 +984,54 @@ class AudioVisualTransform:
             self.skipped_clips, self.seen_clips, self.max_skipped, self.max_skipped_fraction, failures[-1][1]
         )
 
-    def _model_inputs(self, rows: list[dict], clips: list[DecodedClip], stand_ins: list[int], generator) -> dict:
-        partners, lambdas = draw_mixup(len(rows), self.mixup if self.training else 0.0, generator=generator)
+    # Step 2: model inputs, per batch -----------------------------------------------------------------------------
+    def collate(self, clips: Sequence[DecodedClip]) -> dict[str, torch.Tensor]:
+        """The model inputs of a batch of clips this transform decoded (see the class docstring)."""
+        if not clips:
+            raise CavMaeDataError(
+                "Cannot collate an empty batch (with on_error='skip', every clip of it failed to load)."
+            )
+        generator = self._generator([clip.key for clip in clips])
+        partners, lambdas = draw_mixup(len(clips), self.mixup if self.training else 0.0, generator=generator)
         waveforms = [
             mix_waveforms(clip.waveform, clips[int(partner)].waveform, float(weight)) if weight < 1 else clip.waveform
             for clip, partner, weight in zip(clips, partners, lambdas)
         ]
         extractor = self.feature_extractor
-        features = extractor(audio=waveforms, sampling_rate=extractor.sampling_rate, return_tensors="pt")
-        input_features = features["input_features"]
-        pixel_values = extractor(images=[clip.frames for clip in clips], return_tensors="pt")["pixel_values"]
-        if self.frame_index != "all" or self.training:
-            pixel_values = pixel_values[:, 0]
+        input_features = extractor(audio=waveforms, sampling_rate=extractor.sampling_rate, return_tensors="pt")[
+            "input_features"
+        ]
+        pixel_values = self.pixel_values(clips)
         if self.training:
             shape = (-1,) + (1,) * (pixel_values.dim() - 1)
             pixel_values = lambdas.view(shape) * pixel_values + (1 - lambdas.view(shape)) * pixel_values[partners]
             input_features = spec_augment(
                 input_features, self.freqm, self.timem, fill_value=self._raw_zero, generator=generator
             )
-        for index in stand_ins:
-            input_features[index] = self._normalise(FAILED_LOAD_VALUE)
-            pixel_values[index] = FAILED_LOAD_VALUE
+        for index, clip in enumerate(clips):
+            if clip.stand_in:
+                input_features[index] = self._normalise(FAILED_LOAD_VALUE)
+                pixel_values[index] = FAILED_LOAD_VALUE
         if self.training and self.noise:
             input_features = add_noise_and_roll(input_features, generator=generator)
         output = {"input_features": input_features, "pixel_values": pixel_values}
         if self.num_labels is not None:
             smoothing = self.label_smoothing if self.training else 0.0
             output["labels"] = smoothed_targets(
-                [row.get("labels") or [] for row in rows], self.num_labels, smoothing, partners, lambdas
+                [clip.labels for clip in clips], self.num_labels, smoothing, partners, lambdas
             )
         return output
+
+    def pixel_values(self, clips: Sequence[DecodedClip]) -> torch.Tensor:
+        """The clips' frames as the feature extractor preprocesses them (bit for bit), resized and cropped as bytes
+        and normalised as one tensor: `[B, 3, S, S]`, or `[B, F, 3, S, S]` with `frame_index="all"`."""
+        extractor = self.feature_extractor
+        crops = np.stack([[cropped_frame(frame, extractor) for frame in clip.frames] for clip in clips])
+        pixels = torch.from_numpy(crops).permute(0, 1, 4, 2, 3).contiguous().float().div_(255.0)
+        mean = torch.tensor(extractor.image_mean, dtype=torch.float32).view(1, 1, 3, 1, 1)
+        std = torch.tensor(extractor.image_std, dtype=torch.float32).view(1, 1, 3, 1, 1)
+        pixels = pixels.sub_(mean).div_(std)
+        return pixels if self.frame_index == "all" and not self.training else pixels[:, 0]
 
     @property
     def _raw_zero(self) -> float:
@@ -963,6 +1041,17 @@ class AudioVisualTransform:
     def _normalise(self, value: float) -> float:
         extractor = self.feature_extractor
         return (value - extractor.audio_mean) / extractor.audio_std if extractor.do_normalize else value
+
+
+def cropped_frame(image: Image.Image, extractor: CavMaeFeatureExtractor) -> np.ndarray:
+    """`[S, S, 3]` uint8: the image upright in RGB, resized (bicubic) on its shorter side and center-cropped exactly
+    as [`CavMaeFeatureExtractor.preprocess_image`] does before it converts to float."""
+    from .feature_extraction_cav_mae import _center_crop_box, _pil_to_rgb, _resized_size
+
+    image = _pil_to_rgb(image)
+    size = extractor.image_size
+    image = image.resize(_resized_size(*image.size, extractor.resize_size or size), Image.BICUBIC)
+    return np.asarray(image.crop(_center_crop_box(*image.size, size)), dtype=np.uint8)
 
 
 def pretraining_transforms(
@@ -1020,67 +1109,102 @@ def finetuning_transforms(
     return train, evaluation
 
 
-def with_transform(dataset, transform: AudioVisualTransform, batch_size: int = 32):
+class TransformedStream(torch.utils.data.IterableDataset):
     """
-    Attach `transform` to a dataset: `Dataset.with_transform` for map-style datasets (the Trainer's DataLoader then
-    hands whole batches to it), `IterableDataset.map(batched=True)` for streaming ones (`batch_size` rows per call,
-    the mixup pool).
+    A streamed clip dataset (`datasets.IterableDataset`) decoded by `transform` in groups of `batch_size` rows, as a
+    torch `IterableDataset` for the Trainer's DataLoader (batched by [`AudioVisualDataCollator`]). The stream is
+    read through its own iterator, so that DataLoader workers share its shards out; `set_epoch` reaches its
+    shuffle. With `num_examples`, `len()` is the clips of one epoch, which is how the Trainer learns where an epoch
+    of a stream ends (without it, a stream is one epoch of `max_steps`).
+    """
+
+    def __init__(self, stream, transform: AudioVisualTransform, batch_size: int = 32, num_examples: int | None = None):
+        super().__init__()
+        self.stream = stream
+        self.transform = transform
+        self.batch_size = batch_size
+        self.num_examples = num_examples
+
+    def __iter__(self):
+        rows = []
+        for row in self.stream:
+            rows.append(row)
+            if len(rows) == self.batch_size:
+                yield from self._decoded(rows)
+                rows = []
+        if rows:
+            yield from self._decoded(rows)
+
+    def _decoded(self, rows: list[dict]):
+        columns = {name: [row[name] for row in rows] for name in rows[0]}
+        for clip in self.transform(columns)[CLIP_COLUMN]:
+            yield {CLIP_COLUMN: clip}
+
+    def __len__(self) -> int:
+        if self.num_examples is None:
+            raise TypeError("This stream has no length: give num_examples (the clips of one epoch).")
+        return self.num_examples
+
+    def set_epoch(self, epoch: int) -> None:
+        self.stream.set_epoch(epoch)
+
+
+def with_transform(dataset, transform: AudioVisualTransform, batch_size: int = 32, num_examples: int | None = None):
+    """
+    Attach `transform` to a clip dataset: `Dataset.with_transform` for map-style datasets (the Trainer's DataLoader
+    then hands it the rows of each batch), a [`TransformedStream`] (decoding `batch_size` rows at a time, with
+    `num_examples` clips an epoch if given) for a `datasets.IterableDataset`.
     """
     if isinstance(dataset, datasets.IterableDataset):
-        columns = list(dataset.column_names or [])
-        return dataset.map(transform, batched=True, batch_size=batch_size, remove_columns=columns)
+        return TransformedStream(dataset, transform, batch_size, num_examples)
     return dataset.with_transform(transform)
 
 
 def attached_transforms(dataset) -> list[AudioVisualTransform]:
     """
-    The [`AudioVisualTransform`]s a dataset runs: the `with_transform` of a `datasets.Dataset`, or the `map`
-    functions of a `datasets.IterableDataset` (read from its private processing chain; an empty list if `datasets`
-    changes it). [`CavMaeTrainer`] uses this to seed the augmentation and set its epoch.
+    The [`AudioVisualTransform`]s a dataset runs: the `with_transform` of a `datasets.Dataset` (its `format`), the
+    `transform` of a [`TransformedStream`], through wrappers that keep the wrapped set as `dataset` (torch's
+    `Subset`, accelerate's `IterableDatasetShard`). The training callbacks use this to find what to seed and count.
     """
     found = []
-    format_ = getattr(dataset, "format", None)
-    if isinstance(format_, dict):
-        found.append((format_.get("format_kwargs") or {}).get("transform"))
-    node = getattr(dataset, "_ex_iterable", None)
-    for _ in range(100):  # a chain of processing steps; bounded in case it ever loops
-        if node is None:
+    for _ in range(10):  # wrappers of wrappers; bounded in case one refers to itself
+        if dataset is None:
             break
-        found.append(getattr(node, "function", None))
-        node = getattr(node, "ex_iterable", None)
+        if isinstance(dataset, datasets.Dataset):
+            found.append((dataset.format.get("format_kwargs") or {}).get("transform"))
+        found.append(getattr(dataset, "transform", None))
+        dataset = getattr(dataset, "dataset", None)
     return [transform for transform in found if isinstance(transform, AudioVisualTransform)]
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Collator
-# ----------------------------------------------------------------------------------------------------------------
 class AudioVisualDataCollator:
     """
-    Stacks transformed examples (`input_features`, `pixel_values`, `labels`) into a batch; other keys are dropped.
-    Accepts a list of per-example dicts (what a DataLoader over `with_transform` datasets yields) or one dict of
-    already batched tensors.
-
-    Args:
-        report_skipped (`bool`, defaults to False): also pass on `skipped_clips` `[B]` (clips of the batch that
-            failed to load, see [`AudioVisualTransform`]), for [`CavMaeTrainer`] to log; off by default, so that
-            `model(**batch)` gets only model inputs. [`CavMaeTrainer`] turns it on for its collator.
+    The Trainer's `data_collator` for clips decoded by an [`AudioVisualTransform`]: hands each batch of decoded clips
+    back to the transform that decoded them, which returns the model inputs (`input_features`, `pixel_values`, and
+    `labels` when it has `num_labels`). Takes the rows a DataLoader gathers (`[{"clip": DecodedClip}, ...]`) or a
+    slice of a transformed dataset (`{"clip": [...]}`); a dict of model inputs already batched passes through.
     """
 
     model_input_names = ("input_features", "pixel_values", "labels")
 
-    def __init__(self, report_skipped: bool = False):
-        self.report_skipped = report_skipped
-
     def __call__(self, examples) -> dict[str, torch.Tensor]:
-        wanted = self.model_input_names + ((SKIPPED_CLIPS,) if self.report_skipped else ())
-        if isinstance(examples, dict):
-            return {name: examples[name] for name in wanted if name in examples}
-        if not examples:
+        if isinstance(examples, dict) and CLIP_COLUMN not in examples:
+            return {name: examples[name] for name in self.model_input_names if name in examples}
+        try:
+            clips = examples[CLIP_COLUMN] if isinstance(examples, dict) else [row[CLIP_COLUMN] for row in examples]
+        except (KeyError, TypeError):
+            raise CavMaeDataError(
+                "AudioVisualDataCollator batches clips decoded by an AudioVisualTransform: attach one to the dataset "
+                "with dataset.with_transform(transform) (or cavmae_hf.data.with_transform for streams)."
+            ) from None
+        if not clips:
             raise CavMaeDataError(
                 "Cannot collate an empty batch (with on_error='skip', every clip of it failed to load)."
             )
-        names = [name for name in wanted if name in examples[0]]
-        return {name: torch.stack([torch.as_tensor(example[name]) for example in examples]) for name in names}
+        transform = clips[0].transform
+        if any(clip.transform is not transform for clip in clips):
+            raise CavMaeDataError("A batch mixes clips decoded by different transforms; batch each dataset apart.")
+        return transform.collate(clips)
 
 
 __all__ = [
@@ -1089,6 +1213,8 @@ __all__ = [
     "CavMaeDataError",
     "DecodedClip",
     "LabelSet",
+    "SkipCounter",
+    "TransformedStream",
     "add_noise_and_roll",
     "attached_transforms",
     "augmentation_seed",
@@ -1096,6 +1222,7 @@ __all__ = [
     "check_paths_within_root",
     "check_skip_limits",
     "clip_dataset_features",
+    "cropped_frame",
     "dataset_from_csv",
     "dataset_from_folder",
     "dataset_from_reference_json",

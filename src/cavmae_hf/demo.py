@@ -37,6 +37,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .configuration_cav_mae import CavMaeConfig
 from .data import (
+    AudioVisualDataCollator,
     AudioVisualTransform,
     dataset_from_folder,
     decode_clips,
@@ -392,7 +393,7 @@ def reconstruction_of(model, test_set, feature_extractor):
         from .reconstruction import reconstruct
     except ImportError:  # pragma: no cover
         return None
-    batch = test_set.with_transform(AudioVisualTransform(feature_extractor))[:1]
+    batch = AudioVisualDataCollator()(test_set.with_transform(AudioVisualTransform(feature_extractor))[:1])
     model.eval()
     return reconstruct(
         model,

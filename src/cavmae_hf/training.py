@@ -8,19 +8,23 @@ Training CAV-MAE with the Hugging Face `Trainer`, the way the reference recipes 
   balanced sampling, and checkpoint weight averaging over a range of epochs (`weight_averaging`, `wa_start`,
   `wa_end`). Defaults that differ from `TrainingArguments`: `remove_unused_columns=False` (the transforms need the
   raw columns), `adam_beta1=0.95`, `weight_decay=5e-7`.
-- [`CavMaeTrainer`]: a `Trainer` that logs every loss component of pretraining (`mae_loss`, `audio_mae_loss`,
-  `visual_mae_loss`, `contrastive_loss`, `contrastive_accuracy`) in training and evaluation, evaluates
-  pretraining models on their loss, and builds the optimizer and schedule above. It runs unchanged under `torchrun`
+- Callbacks that work with any `Trainer` (`callbacks=[...]`): [`SkippedClipsCallback`] (clips that failed to load,
+  summed over processes: `skipped_clips` in the training logs, `eval_skipped_clips` in evaluation),
+  [`AugmentationEpochCallback`] (seeds the training augmentation and tells it the epoch, so that resuming repeats
+  it), [`WeightAveragingCallback`] and [`average_checkpoints`] (the reference's `wa`, the mean of the weights at
+  the end of epochs `wa_start..wa_end`, kept in memory during training and saved with each checkpoint so that
+  resuming continues it, or of saved checkpoints afterwards).
+- [`CavMaeTrainer`]: a `Trainer` that adds those callbacks, logs every loss component of pretraining (`mae_loss`,
+  `audio_mae_loss`, `visual_mae_loss`, `contrastive_loss`, `contrastive_accuracy`) in training and evaluation,
+  evaluates pretraining models on their loss, and builds the optimizer and schedule above, through the Trainer's
+  public extension points (one private hook, the training sampler, says why). It runs unchanged under `torchrun`
   or `accelerate launch` (DDP); the contrastive loss then takes its negatives from the whole global batch unless
   `config.contrastive_negatives="local"`.
-- [`WeightAveragingCallback`] and [`average_checkpoints`]: the reference's `wa`, the mean of the weights at the end
-  of epochs `wa_start..wa_end` (kept in memory during training and saved with each checkpoint so that resuming
-  continues it), or of saved checkpoints afterwards.
 - Argument dataclasses shared by `examples/pretrain.py` and `examples/finetune.py`, dataset loading by path, and
   retrieval evaluation ([`evaluate_retrieval`]).
 
-Faults: clips that fail to load are skipped, logged and counted (`skipped_clips` in the training logs,
-`eval_skipped_clips` in evaluation) or stop the run, as `DataArguments.on_error` says; a run resumed from a checkpoint
+Faults: clips that fail to load are skipped, logged and counted ([`SkippedClipsCallback`]) or stop the run, as
+`DataArguments.on_error` says; a run resumed from a checkpoint
 repeats the data order, augmentation and masking of the uninterrupted run (the augmentation is seeded per batch, see
 [`AudioVisualTransform`]); `--resume_from_checkpoint last` takes the newest *complete* checkpoint (a run killed while
 writing one leaves it half-written); the final `save_model` writes into a staging folder and moves the files into
@@ -34,7 +38,6 @@ import re
 import shutil
 import tempfile
 from collections import defaultdict
-from collections.abc import MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +55,7 @@ from .data import (
     ON_ERROR_CHOICES,
     SKIPPED_CLIPS,
     AudioVisualDataCollator,
+    AudioVisualTransform,
     CavMaeDataError,
     LabelSet,
     attached_transforms,
@@ -60,6 +64,7 @@ from .data import (
     dataset_from_folder,
     dataset_from_reference_json,
     read_label_csv,
+    with_transform,
 )
 from .metrics import retrieval_metrics
 from .pipelines import CheckpointLoadError
@@ -158,11 +163,20 @@ class DataArguments:
     )
     eval_data: str | None = field(default=None, metadata={"help": "Evaluation clips, in any of the same layouts."})
     label_csv: str | None = field(default=None, metadata={"help": "Label CSV index,mid,display_name."})
-    audio_length: int = field(default=1024, metadata={"help": "Fbank frames per clip (reference target_length)."})
-    num_mel_bins: int = field(default=128, metadata={"help": "Mel bins."})
-    image_size: int = field(default=224, metadata={"help": "Side of the square frames."})
-    dataset_mean: float = field(default=-5.081, metadata={"help": "Fbank normalisation mean (reference: AudioSet)."})
-    dataset_std: float = field(default=4.4849, metadata={"help": "Fbank normalisation std."})
+    audio_length: int | None = field(
+        default=None,
+        metadata={"help": "Fbank frames per clip (reference target_length). Default: the model's (its saved feature "
+        "extractor, else its config; 1024 for a new model)."},
+    )
+    num_mel_bins: int | None = field(default=None, metadata={"help": "Mel bins. Default: the model's."})
+    image_size: int | None = field(default=None, metadata={"help": "Side of the square frames. Default: the model's."})
+    dataset_mean: float | None = field(
+        default=None,
+        metadata={"help": "Fbank normalisation mean. Default: the saved feature extractor's, else AudioSet's -5.081."},
+    )
+    dataset_std: float | None = field(
+        default=None, metadata={"help": "Fbank normalisation std. Default: the saved extractor's, else 4.4849."}
+    )
     num_frames: int = field(default=DEFAULT_NUM_FRAMES, metadata={"help": "Frames per clip to choose from."})
     noise: bool = field(default=True, metadata={"help": "Noise + time-roll augmentation in training."})
     decode_once: bool = field(
@@ -216,6 +230,23 @@ class DataArguments:
         if self.on_error not in ON_ERROR_CHOICES:
             raise CavMaeDataError(f"on_error must be one of {', '.join(ON_ERROR_CHOICES)}, got {self.on_error!r}.")
 
+    def input_sizes(self) -> dict:
+        """The model input sizes given on the command line (`audio_length`, `num_mel_bins`, `image_size`), as
+        config fields; the others are left to the model."""
+        sizes = {"audio_length": self.audio_length, "num_mel_bins": self.num_mel_bins, "image_size": self.image_size}
+        return {name: value for name, value in sizes.items() if value is not None}
+
+    def feature_extractor_overrides(self) -> dict:
+        """The feature extractor fields given on the command line, as `CavMaeFeatureExtractor` arguments."""
+        given = {
+            "max_length": self.audio_length,
+            "num_mel_bins": self.num_mel_bins,
+            "image_size": self.image_size,
+            "audio_mean": self.dataset_mean,
+            "audio_std": self.dataset_std,
+        }
+        return {name: value for name, value in given.items() if value is not None}
+
     @property
     def allowed_root(self):
         """The `allowed_root` of the dataset builders: a folder, True (each data file's own folder) or None."""
@@ -265,9 +296,9 @@ def load_clip_dataset(
 
 
 def load_train_and_eval_datasets(data_args: DataArguments, training_args: TrainingArguments):
-    """The (train, eval) clip datasets of the example scripts: loaded by path, cut to `max_*_samples`, decoded once
-    with `decode_once` (on the main process first, the others then read the cache), and the training set made
-    iterable with `streaming`. `eval` is None without `eval_data`."""
+    """The (train, eval) clip datasets of the example scripts: loaded by path, cut to `max_*_samples` and decoded once
+    with `decode_once` (on the main process first, the others then read the cache). `eval` is None without
+    `eval_data`. (With `--streaming`, [`streaming_training_set`] then streams the training set.)"""
     from .data import decode_clips
 
     def load(path, max_samples):
@@ -288,18 +319,18 @@ def load_train_and_eval_datasets(data_args: DataArguments, training_args: Traini
             train = decode_clips(train, data_args.num_frames, **options)
             if evaluation is not None:
                 evaluation = decode_clips(evaluation, data_args.num_frames, desc="Decoding eval", **options)
-    if data_args.streaming:
-        train = streaming_training_set(train, training_args, data_args.shuffle_buffer_size)
     return train, evaluation
 
 
-def streaming_training_set(clips, training_args: TrainingArguments, shuffle_buffer_size: int = 1000):
+def streaming_training_set(
+    clips, training_args: TrainingArguments, transform: AudioVisualTransform, shuffle_buffer_size: int = 1000
+):
     """
-    `clips` (a map-style clip dataset) as a shuffled `datasets.IterableDataset` for streaming training: one shard
-    per DataLoader worker, a shuffle buffer seeded by `data_seed` (or `seed`) and reshuffled every epoch. Sets the
-    epoch length the Trainer cannot know (`steps_per_epoch`, when not given: the full global batches in `clips`)
-    and `max_steps` (when not given: `num_train_epochs` epochs), so that epochs, the learning-rate schedule and
-    resuming line up with the map-style run.
+    `clips` (a map-style clip dataset) streamed for training: a `datasets.IterableDataset` with one shard per
+    DataLoader worker and a shuffle buffer seeded by `data_seed` (or `seed`) and reshuffled every epoch, decoded by
+    `transform` (a [`TransformedStream`]). Its length is one epoch: `steps_per_epoch` full global batches (when not
+    given: as many as `clips` holds), which is how the Trainer counts epochs, reshuffles and resumes as with a
+    map-style set; `max_steps` defaults to `num_train_epochs` epochs.
     """
     if shuffle_buffer_size < 1:
         raise CavMaeDataError(f"shuffle_buffer_size must be at least 1, got {shuffle_buffer_size}.")
@@ -319,19 +350,27 @@ def streaming_training_set(clips, training_args: TrainingArguments, shuffle_buff
     if shuffle_buffer_size > 1:
         seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
         stream = stream.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
-    return stream
+    num_examples = training_args.steps_per_epoch * global_batch
+    return with_transform(stream, transform, training_args.per_device_train_batch_size, num_examples=num_examples)
 
 
-def feature_extractor_from_data_args(data_args: DataArguments):
-    from .feature_extraction_cav_mae import CavMaeFeatureExtractor
+def feature_extractor_for_model(model_name_or_path, config: CavMaeConfig, data_args: DataArguments | None = None):
+    """
+    The feature extractor of a training script: the one saved with the starting checkpoint (its
+    `preprocessor_config.json`), else one that fits `config`; the fields given in `data_args` (`--audio_length`,
+    `--num_mel_bins`, `--image_size`, `--dataset_mean`, `--dataset_std`) override it. Raises when the result does
+    not fit the model's input sizes.
+    """
+    from .pipelines import feature_extractor_for, load_feature_extractor
 
-    return CavMaeFeatureExtractor(
-        max_length=data_args.audio_length,
-        num_mel_bins=data_args.num_mel_bins,
-        image_size=data_args.image_size,
-        audio_mean=data_args.dataset_mean,
-        audio_std=data_args.dataset_std,
-    )
+    if model_name_or_path and Path(model_name_or_path).is_dir():
+        extractor = load_feature_extractor(model_name_or_path, config)
+    else:
+        extractor = feature_extractor_for(config)
+    for name, value in (data_args.feature_extractor_overrides() if data_args is not None else {}).items():
+        setattr(extractor, name, value)
+    data_config_consistent(config, extractor.max_length, extractor.num_mel_bins, extractor.image_size)
+    return extractor
 
 
 def is_complete_checkpoint(folder) -> bool:
@@ -436,8 +475,11 @@ class WeightAveragingCallback(TrainerCallback):
     """
     The reference's weight averaging (`--wa True --wa_start S --wa_end E`): the mean of the model's weights at the
     end of epochs S..E (1-based, inclusive), loaded into the model when training ends (`apply_at_end`). The running
-    sum is kept on the CPU and written into every checkpoint (`weight_average.safetensors`), so a run resumed with
-    [`CavMaeTrainer`] continues the same average.
+    sum is kept on the CPU and written into every checkpoint (`weight_average.safetensors`) before the Trainer
+    writes it (so that `trainer_state.json`, written last, marks a checkpoint that holds the average too). A resumed
+    run continues the average of `output_dir/checkpoint-<step>` (the checkpoint of the step it resumes from), or of
+    the checkpoint given to [`load_from_checkpoint`] before `train()` ([`CavMaeTrainer`] does that). Works with any
+    `Trainer`: `callbacks=[WeightAveragingCallback(3, 15)]`.
     """
 
     def __init__(self, start_epoch: int = 1, end_epoch: int = 10, apply_at_end: bool = True):
@@ -461,20 +503,35 @@ class WeightAveragingCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if not self._restored:
             self.sums, self.epochs = {}, []
+            if state.global_step > 0:  # resumed: the checkpoint of this step, where the Trainer saves them
+                self.load_from_checkpoint(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         self._restored = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._save_if_saving(args, state, control)
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
         epoch = int(round(state.epoch or 0))
-        if model is None or not self.start_epoch <= epoch <= self.end_epoch or epoch in self.epochs:
-            return
-        for name, tensor in _floating_state(model).items():
-            self.sums[name] = self.sums[name] + tensor if name in self.sums else tensor.clone()
-        self.epochs.append(epoch)
+        if model is not None and self.start_epoch <= epoch <= self.end_epoch and epoch not in self.epochs:
+            for name, tensor in _floating_state(model).items():
+                self.sums[name] = self.sums[name] + tensor if name in self.sums else tensor.clone()
+            self.epochs.append(epoch)
+        self._save_if_saving(args, state, control)
+
+    def on_save(self, args, state, control, **kwargs):
+        # a save decided after these events (save_strategy="best") gets the average after its trainer_state.json
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if args.should_save and folder.is_dir() and not (folder / WEIGHT_AVERAGE_FILE).is_file():
+            self.save_to_checkpoint(folder)
+
+    def _save_if_saving(self, args, state, control) -> None:
+        """The Trainer saves a checkpoint right after the event that set `control.should_save` (its flow callback
+        runs first): write the average into that checkpoint's folder now."""
+        if control.should_save and args.should_save:
+            self.save_to_checkpoint(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
 
     def save_to_checkpoint(self, folder) -> None:
-        """Write the running sum into the checkpoint `folder` (created if needed), under a temporary name first.
-        [`CavMaeTrainer`] calls this before the Trainer writes the checkpoint, so that `trainer_state.json`, written
-        last, marks a checkpoint that also holds the average."""
+        """Write the running sum into the checkpoint `folder` (created if needed), under a temporary name first."""
         if not self.sums:
             return
         folder = Path(folder)
@@ -590,21 +647,107 @@ class EpochSeededWeightedSampler(WeightedRandomSampler):
         self.generator.manual_seed(self.seed + int(epoch))
 
 
-class _AugmentationEpochCallback(TrainerCallback):
-    """Tells the training transforms the epoch, for their augmentation seeds (see [`AudioVisualTransform`])."""
+def data_seed(args: TrainingArguments) -> int:
+    return args.data_seed if args.data_seed is not None else args.seed
 
-    def __init__(self, trainer: "CavMaeTrainer"):
-        self.trainer = trainer
+
+class AugmentationEpochCallback(TrainerCallback):
+    """
+    Makes the training augmentation repeatable, so that a resumed run repeats the uninterrupted one: gives the
+    training transforms (see [`cavmae_hf.data.AudioVisualTransform`]) whose `seed` is None the run's `data_seed`
+    (or `seed`), and tells them the epoch at the start of each. Works with any `Trainer` whose training set carries
+    its transform (`with_transform`); [`CavMaeTrainer`] adds it.
+    """
+
+    def __init__(self):
         self.epoch = None
+        self.transforms: list[AudioVisualTransform] = []
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        self.transforms = attached_transforms(getattr(train_dataloader, "dataset", None))
+        for transform in self.transforms:
+            if transform.seed is None:
+                transform.seed = data_seed(args)
         self.epoch = None
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         # the first epoch of a (resumed) run is where the state stands; each later one is the next
         self.epoch = int(math.floor((state.epoch or 0) + 1e-9)) if self.epoch is None else self.epoch + 1
-        for transform in attached_transforms(self.trainer.train_dataset):
+        for transform in self.transforms:
             transform.set_epoch(self.epoch)
+
+
+def evaluation_prefix(logs: dict) -> str | None:
+    """The metric prefix of an evaluation's logs (`eval` for `eval_loss`, `eval_runtime`, ...), None for others."""
+    for key in logs:
+        if key.endswith("_runtime") and key != "train_runtime":
+            return key[: -len("_runtime")]
+    return None
+
+
+class SkippedClipsCallback(TrainerCallback):
+    """
+    Logs the clips that the transforms skipped (failed to load, see [`cavmae_hf.data.AudioVisualTransform`]),
+    summed over processes and their DataLoader workers: `skipped_clips`, the run's running total (continued when
+    resuming), with every training log, and `<prefix>_skipped_clips` (`eval_skipped_clips`) with every evaluation's
+    metrics. With a plain `Trainer`: `callbacks=[SkippedClipsCallback()]`; the counts then reach the log history,
+    `trainer_state.json` and the printed logs, and the reporting integrations (TensorBoard, ...) with
+    [`CavMaeTrainer`], which adds the callback and puts the counts in its logs before they are reported.
+
+    Counts are taken when a clip is decoded, so a log also counts the clips of batches the DataLoader has prepared
+    ahead, and a resumed run counts again those of the batches it skips past.
+    """
+
+    def __init__(self):
+        self.total = None
+        self.train_transforms: list[AudioVisualTransform] = []
+        self.eval_transforms: list[AudioVisualTransform] = []
+        self._eval_loader = None
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        self.train_transforms = attached_transforms(getattr(train_dataloader, "dataset", None))
+        logged = [entry[SKIPPED_CLIPS] for entry in state.log_history if SKIPPED_CLIPS in entry]
+        self.total = int(logged[-1]) if logged else 0
+        for transform in self.train_transforms:
+            transform.skip_counter.take()  # what earlier runs with this transform counted
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        if eval_dataloader is not self._eval_loader:
+            self._eval_loader = eval_dataloader
+            self.eval_transforms = attached_transforms(getattr(eval_dataloader, "dataset", None))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs:
+            return
+        added = {}
+        if "loss" in logs and SKIPPED_CLIPS not in logs:
+            added[SKIPPED_CLIPS] = self.training_total(args)
+        prefix = evaluation_prefix(logs)
+        if prefix is not None and f"{prefix}_{SKIPPED_CLIPS}" not in logs:
+            added[f"{prefix}_{SKIPPED_CLIPS}"] = self.evaluation_count(args)
+        logs.update(added)
+        if added and state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(added)
+
+    def training_total(self, args) -> int:
+        """The run's total of skipped training clips, over all processes (a collective: every process calls it)."""
+        self.total = (self.total or 0) + _summed_over_processes(self.train_transforms, args)
+        return self.total
+
+    def evaluation_count(self, args, dataloader=None) -> int:
+        """Clips skipped since the last call by the evaluation set's transforms (those of `dataloader` if given),
+        over all processes (a collective)."""
+        transforms = self.eval_transforms if dataloader is None else attached_transforms(dataloader.dataset)
+        return _summed_over_processes(transforms, args)
+
+
+def _summed_over_processes(transforms: list[AudioVisualTransform], args) -> int:
+    count = sum(transform.skip_counter.take() for transform in transforms)
+    if args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        total = torch.tensor(count, dtype=torch.long, device=args.device)
+        torch.distributed.all_reduce(total)
+        count = int(total)
+    return count
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -694,11 +837,13 @@ class CavMaeTrainer(Trainer):
     optimizer, head learning rate, step schedule, balanced sampler, backbone freezing and weight averaging; with
     plain `TrainingArguments` it behaves as `Trainer` apart from the loss-component logging.
 
-    Fault handling: clips the transforms skipped are logged as `skipped_clips` (the run's total, over all
-    processes) and `eval_skipped_clips`; training transforms whose `seed` is None get `data_seed` (or `seed`) and
-    the epoch, so that a resumed run repeats the uninterrupted one's augmentation; `train(resume_from_checkpoint=
-    True)` takes the newest complete checkpoint; `save_model` never leaves a half-written model (see
-    [`move_into_place`]); under `torch.distributed` an exception is logged with, and noted on, the failing rank.
+    It adds the callbacks a plain `Trainer` can be given by hand: [`SkippedClipsCallback`] (clips the transforms
+    skipped, logged as `skipped_clips`, the run's total over all processes, and `eval_skipped_clips`),
+    [`AugmentationEpochCallback`] (training transforms whose `seed` is None get `data_seed`, or `seed`, and the
+    epoch, so that a resumed run repeats the uninterrupted one's augmentation) and, with `weight_averaging`,
+    [`WeightAveragingCallback`]. `train(resume_from_checkpoint=True)` takes the newest complete checkpoint;
+    `save_model` never leaves a half-written model (see [`move_into_place`]); under `torch.distributed` an
+    exception is logged with, and noted on, the failing rank.
 
     Args:
         sample_weights (*optional*): per-clip sampling weights (overrides `balanced_sampling`'s own).
@@ -706,37 +851,25 @@ class CavMaeTrainer(Trainer):
     """
 
     def __init__(self, *args, sample_weights=None, **kwargs):
-        collator = kwargs.get("data_collator")
-        if collator is None or (isinstance(collator, AudioVisualDataCollator) and not collator.report_skipped):
-            kwargs["data_collator"] = AudioVisualDataCollator(report_skipped=True)
+        if kwargs.get("data_collator") is None:
+            kwargs["data_collator"] = AudioVisualDataCollator()
+        callbacks = list(kwargs.get("callbacks") or [])
+        self.skipped_clips_callback = _find_or_add(callbacks, SkippedClipsCallback)
+        _find_or_add(callbacks, AugmentationEpochCallback)
+        kwargs["callbacks"] = callbacks
         super().__init__(*args, **kwargs)
         self.sample_weights = sample_weights
         self._component_totals = {"train": defaultdict(float), "eval": defaultdict(float)}
         self._component_counts = {"train": defaultdict(int), "eval": defaultdict(int)}
-        self._skipped_pending = {"train": torch.zeros((), dtype=torch.long), "eval": torch.zeros((), dtype=torch.long)}
-        self._skipped_total = None
-        self._update_steps_per_epoch = None
-        self.add_callback(_AugmentationEpochCallback(self))
+        self._batches_per_epoch = None
+        self._created_reference_schedule = False
         if getattr(self.args, "freeze_base", False):
             trainable = freeze_backbone(self.model)
             logger.info(f"freeze_base: only the classification head is trained ({trainable:,} parameters).")
+        self.weight_averaging_callback = next((cb for cb in callbacks if isinstance(cb, WeightAveragingCallback)), None)
         if getattr(self.args, "weight_averaging", False) and self.weight_averaging_callback is None:
-            self.add_callback(WeightAveragingCallback(self.args.wa_start, self.args.wa_end))
-
-    @property
-    def weight_averaging_callback(self) -> WeightAveragingCallback | None:
-        return next((cb for cb in self.callback_handler.callbacks if isinstance(cb, WeightAveragingCallback)), None)
-
-    def _save_checkpoint(self, model, trial):
-        callback = self.weight_averaging_callback
-        if callback is not None and self.args.should_save:
-            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            callback.save_to_checkpoint(folder)
-        super()._save_checkpoint(model, trial)
-
-    @property
-    def reports_skipped_clips(self) -> bool:
-        return isinstance(self.data_collator, AudioVisualDataCollator) and self.data_collator.report_skipped
+            self.weight_averaging_callback = WeightAveragingCallback(self.args.wa_start, self.args.wa_end)
+            self.add_callback(self.weight_averaging_callback)
 
     # Training entry point ------------------------------------------------------------------------------------
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
@@ -746,20 +879,13 @@ class CavMaeTrainer(Trainer):
                 raise CavMaeError(f"resume_from_checkpoint=True: no complete checkpoint in {self.args.output_dir}.")
         if resume_from_checkpoint and self.weight_averaging_callback is not None:
             self.weight_averaging_callback.load_from_checkpoint(resume_from_checkpoint)
-        self._seed_augmentation()
-        self._skipped_total = None
+        if self._created_reference_schedule:  # a new run gets a new schedule, as the Trainer's own
+            self.lr_scheduler, self._created_reference_schedule = None, False
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)
         except Exception as error:
             self._name_failing_process(error)
             raise
-
-    def _seed_augmentation(self) -> None:
-        """Give training transforms without a `seed` the run's data seed (they are seeded per batch from it)."""
-        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        for transform in attached_transforms(self.train_dataset):
-            if transform.seed is None:
-                transform.seed = seed
 
     def _name_failing_process(self, error: BaseException) -> None:
         """Under torch.distributed, say which process failed: in the log and as a note on the exception (the other
@@ -773,16 +899,6 @@ class CavMaeTrainer(Trainer):
         logger.error(f"Training failed on {where}: {type(error).__name__}: {error}")
         if hasattr(error, "add_note"):
             error.add_note(f"cavmae-hf: raised on {where}.")
-
-    def set_initial_training_values(self, args, dataloader):
-        values = list(super().set_initial_training_values(args, dataloader))
-        if not has_length(dataloader) and getattr(args, "steps_per_epoch", None):
-            # The Trainer takes a dataset without length for one epoch of max_steps: its epoch count, the per-epoch
-            # reshuffle and, on resuming, the batches it skips would then be wrong past the first pass over the data.
-            values[1] = args.steps_per_epoch  # optimizer steps per epoch
-            values[5] = args.steps_per_epoch * args.gradient_accumulation_steps  # batches per epoch
-        self._update_steps_per_epoch = values[1]
-        return tuple(values)
 
     # Optimizer and schedule -------------------------------------------------------------------------------------
     def create_optimizer(self, model=None):
@@ -825,7 +941,7 @@ class CavMaeTrainer(Trainer):
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is not None or getattr(self.args, "lr_schedule", "transformers") != "reference_step":
             return super().create_scheduler(num_training_steps, optimizer)
-        steps_per_epoch = self.args.steps_per_epoch or self._update_steps_per_epoch or num_training_steps
+        steps_per_epoch = self.args.steps_per_epoch or self._update_steps_per_epoch() or num_training_steps
         self.lr_scheduler = reference_step_schedule(
             optimizer or self.optimizer,
             steps_per_epoch,
@@ -834,22 +950,32 @@ class CavMaeTrainer(Trainer):
             self.args.lr_decay,
             warmup_steps=self.args.get_warmup_steps(num_training_steps),
         )
-        self._created_lr_scheduler = True
+        self._created_reference_schedule = True
         return self.lr_scheduler
+
+    def _update_steps_per_epoch(self) -> int | None:
+        """Optimizer steps in one pass over the training DataLoader, as the Trainer counts them."""
+        if self._batches_per_epoch is None:
+            return None
+        accumulation = self.args.gradient_accumulation_steps
+        return max(math.ceil(self._batches_per_epoch / accumulation), 1)
 
     # Sampling -----------------------------------------------------------------------------------------------------
     def get_train_dataloader(self):
         dataloader = super().get_train_dataloader()
+        self._batches_per_epoch = len(dataloader) if has_length(dataloader) else None
         # PyTorch draws each DataLoader iterator's worker seed from the loader's `generator`, by default torch's
         # global one, which also drives the masking. A private one keeps the global sequence independent of when
         # iterators are created (persistent workers create one per run, not per epoch), so resuming repeats it.
         loader = getattr(dataloader, "base_dataloader", dataloader)  # accelerate wraps the DataLoader
         if isinstance(loader, DataLoader) and loader.generator is None:
-            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-            loader.generator = torch.Generator().manual_seed(seed)
+            loader.generator = torch.Generator().manual_seed(data_seed(self.args))
         return dataloader
 
     def _get_train_sampler(self, train_dataset=None):
+        # Private, as no public route exists: `Trainer` builds the training DataLoader itself (column removal,
+        # worker seeding, accelerate's sharding) and this is the one hook for its sampler; overriding
+        # get_train_dataloader instead would mean rebuilding that DataLoader by hand.
         weights = self.sample_weights
         dataset = self.train_dataset if train_dataset is None else train_dataset
         if weights is None and getattr(self.args, "balanced_sampling", False):
@@ -857,8 +983,7 @@ class CavMaeTrainer(Trainer):
         if weights is None:
             return super()._get_train_sampler(train_dataset)
         # the same draws on every process (accelerate shards the batches), and per epoch (resuming repeats them)
-        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        return EpochSeededWeightedSampler(weights, len(weights), seed)
+        return EpochSeededWeightedSampler(weights, len(weights), data_seed(self.args))
 
     # Loss components ---------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -887,50 +1012,31 @@ class CavMaeTrainer(Trainer):
         counts.clear()
         return means
 
-    # Skipped clips ---------------------------------------------------------------------------------------------
-    def _prepare_inputs(self, inputs):
-        if isinstance(inputs, MutableMapping) and SKIPPED_CLIPS in inputs:
-            skipped = inputs.pop(SKIPPED_CLIPS)
-            split = "train" if self.model.training else "eval"
-            self._skipped_pending[split] = self._skipped_pending[split] + skipped.detach().sum().cpu()
-        return super()._prepare_inputs(inputs)
-
-    def _pop_skipped(self, split: str) -> int:
-        """Clips skipped since the last call, summed over processes (a collective: every process calls it)."""
-        pending = self._skipped_pending[split].to(self.args.device)
-        self._skipped_pending[split] = torch.zeros((), dtype=torch.long)
-        return int(self.accelerator.reduce(pending, reduction="sum"))
-
-    def _skipped_so_far(self) -> int:
-        """The run's total of skipped training clips, continued from the log history of a resumed checkpoint."""
-        if self._skipped_total is None:
-            logged = [entry[SKIPPED_CLIPS] for entry in self.state.log_history if SKIPPED_CLIPS in entry]
-            self._skipped_total = int(logged[-1]) if logged else 0
-        self._skipped_total += self._pop_skipped("train")
-        return self._skipped_total
-
     # Logging ------------------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if "loss" in logs and self._component_counts["train"]:
-            logs.update(self._pop_component_means("train"))
-        if "loss" in logs and self.reports_skipped_clips:
-            logs[SKIPPED_CLIPS] = self._skipped_so_far()
+        if "loss" in logs:
+            if self._component_counts["train"]:
+                logs.update(self._pop_component_means("train"))
+            # here rather than in the callback's on_log, so that the reporting integrations see it too
+            logs[SKIPPED_CLIPS] = self.skipped_clips_callback.training_total(self.args)
         super().log(logs, *args, **kwargs)
 
-    def evaluation_loop(self, *args, **kwargs):
-        dataloader = args[0] if args else kwargs.get("dataloader")
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        prefix = metric_key_prefix
         if self.args.world_size > 1:  # a skipped clip would leave this process a smaller batch to gather
-            for transform in attached_transforms(getattr(dataloader, "dataset", None)):
+            for transform in attached_transforms(dataloader.dataset):
                 transform.skip_forbidden = DISTRIBUTED_EVALUATION_SKIP
         self._component_totals["eval"].clear()
         self._component_counts["eval"].clear()
-        self._skipped_pending["eval"] = torch.zeros((), dtype=torch.long)
-        output = super().evaluation_loop(*args, **kwargs)
-        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        self.skipped_clips_callback.evaluation_count(self.args, dataloader)  # from here on
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         for name, value in self._pop_component_means("eval").items():
             output.metrics[f"{prefix}_{name}"] = value
-        if self.reports_skipped_clips:
-            output.metrics[f"{prefix}_{SKIPPED_CLIPS}"] = self._pop_skipped("eval")
+        output.metrics[f"{prefix}_{SKIPPED_CLIPS}"] = self.skipped_clips_callback.evaluation_count(
+            self.args, dataloader
+        )
         return output
 
     # Saving -------------------------------------------------------------------------------------------------------
@@ -938,8 +1044,9 @@ class CavMaeTrainer(Trainer):
         """
         `Trainer.save_model`, written into a staging folder beside `output_dir` and moved into place when complete
         (see [`move_into_place`]): a failure or a kill while writing leaves the previous model as it was. Trainer
-        checkpoints (`_internal_call`) and DeepSpeed / FSDP / XLA saves, where every process writes, are written
-        as by `Trainer`; resuming skips incomplete checkpoints (see [`last_complete_checkpoint`]).
+        checkpoints (`_internal_call`, the Trainer's own argument of this public method) and DeepSpeed / FSDP / XLA
+        saves, where every process writes, are written as by `Trainer`; resuming skips incomplete checkpoints (see
+        [`last_complete_checkpoint`]).
         """
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if _internal_call or not self.args.should_save or not self._saves_from_one_process():
@@ -963,15 +1070,25 @@ class CavMaeTrainer(Trainer):
         )
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        if not is_pretraining_model(self.accelerator.unwrap_model(model)):
-            # only the (frame-aggregated) logits are gathered, not the per-frame logits or pooled features
-            ignore_keys = CLASSIFIER_OUTPUTS_NOT_GATHERED if ignore_keys is None else ignore_keys
-            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
-        # Pretraining models are evaluated on their (masked) losses; their patch predictions are not gathered.
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+        if is_pretraining_model(self.accelerator.unwrap_model(model)):
+            # Pretraining models are evaluated on their (masked) losses; their patch predictions are not gathered.
+            # (The Trainer's own step computes no loss for a model without labels or a `return_loss` argument.)
+            inputs = {name: value.to(self.args.device) for name, value in inputs.items()}
+            with torch.no_grad(), self.compute_loss_context_manager():
+                loss = self.compute_loss(model, inputs)
+            return loss.detach(), None, None
+        # only the (frame-aggregated) logits are gathered, not the per-frame logits or pooled features
+        ignore_keys = CLASSIFIER_OUTPUTS_NOT_GATHERED if ignore_keys is None else ignore_keys
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+
+
+def _find_or_add(callbacks: list, callback_class):
+    """The instance of `callback_class` in `callbacks`, appended if there is none."""
+    found = next((cb for cb in callbacks if isinstance(cb, callback_class)), None)
+    if found is None:
+        found = callback_class()
+        callbacks.append(found)
+    return found
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1095,6 +1212,7 @@ def data_config_consistent(config: CavMaeConfig, audio_length: int, num_mel_bins
 
 
 __all__ = [
+    "AugmentationEpochCallback",
     "CavMaeTrainer",
     "CavMaeTrainingArguments",
     "DataArguments",
@@ -1106,7 +1224,7 @@ __all__ = [
     "checkpoint_epochs",
     "data_config_consistent",
     "evaluate_retrieval",
-    "feature_extractor_from_data_args",
+    "feature_extractor_for_model",
     "freeze_backbone",
     "is_complete_checkpoint",
     "is_head_parameter",
@@ -1119,6 +1237,8 @@ __all__ = [
     "reference_step_schedule",
     "resolve_checkpoint",
     "retrieval_embeddings",
+    "SkippedClipsCallback",
     "staged_directory",
+    "streaming_training_set",
     "transform_options",
 ]
