@@ -309,7 +309,13 @@ def test_training_from_mp4_gives_the_inputs_of_the_reference_files(video_fixture
     """A dataset of the fixture mp4s and one of the reference's pre-extracted WAVs and JPEGs (its JSON layout), through
     the evaluation transform with every frame, and through `decode_clips` (decoded once): the same pixel values
     exactly, the same fbank but for the AAC rounding ties."""
-    from cavmae_hf.data import AudioVisualTransform, dataset_from_csv, dataset_from_reference_json, decode_clips
+    from cavmae_hf.data import (
+        AudioVisualDataCollator,
+        AudioVisualTransform,
+        dataset_from_csv,
+        dataset_from_reference_json,
+        decode_clips,
+    )
 
     names = CLIPS
     (tmp_path / "videos.csv").write_text(
@@ -323,10 +329,10 @@ def test_training_from_mp4_gives_the_inputs_of_the_reference_files(video_fixture
     (tmp_path / "data.json").write_text(json.dumps({"data": entries}))
     from_mp4 = dataset_from_csv(tmp_path / "videos.csv")
     from_files = dataset_from_reference_json(tmp_path / "data.json")
-    transform = AudioVisualTransform(extractor, training=False, frame_index="all")
-    expected = transform(from_files[: len(names)])
+    transform, collate = AudioVisualTransform(extractor, training=False, frame_index="all"), AudioVisualDataCollator()
+    expected = collate(transform(from_files[: len(names)]))
     for dataset in (from_mp4, decode_clips(from_mp4, 10)):
-        got = transform(dataset[: len(names)])
+        got = collate(transform(dataset[: len(names)]))
         assert torch.equal(got["pixel_values"], expected["pixel_values"])
         for name, ours, theirs in zip(names, got["input_features"], expected["input_features"]):
             difference = (ours - theirs).abs()
