@@ -361,12 +361,13 @@ def feature_extractor_for_model(model_name_or_path, config: CavMaeConfig, data_a
     `--num_mel_bins`, `--image_size`, `--dataset_mean`, `--dataset_std`) override it. Raises when the result does
     not fit the model's input sizes.
     """
-    from .pipelines import feature_extractor_for, load_feature_extractor
+    from .feature_extraction_cav_mae import CavMaeFeatureExtractor
+    from .pipelines import load_feature_extractor
 
     if model_name_or_path and Path(model_name_or_path).is_dir():
         extractor = load_feature_extractor(model_name_or_path, config)
     else:
-        extractor = feature_extractor_for(config)
+        extractor = CavMaeFeatureExtractor.from_model_config(config)
     for name, value in (data_args.feature_extractor_overrides() if data_args is not None else {}).items():
         setattr(extractor, name, value)
     data_config_consistent(config, extractor.max_length, extractor.num_mel_bins, extractor.image_size)
