@@ -1,6 +1,7 @@
 """Dataset builders (folder, CSV, reference JSON), the on-the-fly transform, the collator and the augmentations."""
 
 import csv
+import io
 import json
 import math
 
@@ -10,7 +11,7 @@ import soundfile
 import torch
 from PIL import Image
 
-from cavmae_hf import CavMaeFeatureExtractor
+from cavmae_hf import CavMaeFeatureExtractor, media
 from cavmae_hf.data import (
     AudioVisualDataCollator,
     AudioVisualTransform,
@@ -198,6 +199,13 @@ def test_decoded_clips_give_the_same_inputs_as_the_videos(video_folder, extracto
     dataset = dataset_from_folder(video_folder)
     decoded = decode_clips(dataset)
     assert decoded[0]["video"] is None and len(decoded[0]["frames"]) == 10 and decoded[0]["audio"]["bytes"]
+    # what the reference's extraction scripts wrote: 224-pixel quality-75 JPEG frames and a 16 kHz 16-bit WAV
+    reference = media.load_video(dataset[0]["video"])
+    assert [frame["bytes"] for frame in decoded[0]["frames"]] == reference.frame_jpegs
+    wav = soundfile.info(io.BytesIO(decoded[0]["audio"]["bytes"]))
+    assert (wav.samplerate, wav.subtype, wav.channels) == (SAMPLING_RATE, "PCM_16", 1)
+    np.testing.assert_array_equal(soundfile.read(io.BytesIO(decoded[0]["audio"]["bytes"]), dtype="float32")[0],
+                                  reference.audio)  # fmt: skip
     transform = AudioVisualTransform(extractor, frame_index="all", num_labels=3)
     from_video, from_bytes = collate(dataset.with_transform(transform)[:6]), collate(decoded.with_transform(transform)[:6])
     torch.testing.assert_close(from_bytes["input_features"], from_video["input_features"])

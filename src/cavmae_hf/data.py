@@ -437,46 +437,68 @@ def _existing_frame_index(frames: list, index: int) -> int:
     return index
 
 
+def _video_of(row: dict, num_frames: int, sampling_rate: int, audio_seconds, reference_jpegs: bool):
+    """`media.load_video` of a row's video for what the row lacks (its audio, its frames), or None if it lacks
+    nothing. Without `reference_jpegs` the frames stay decoded at full size (`reference_frame` makes the chosen
+    ones what the reference's JPEG files hold)."""
+    frames, audio = row.get("frames") or [], row.get("audio")
+    if frames and audio is not None:
+        return None
+    if not row.get("video"):
+        raise CavMaeDataError(f"Clip {row.get('clip_id')!r} has neither a video nor separate audio and frames.")
+    return media.load_video(
+        row["video"],
+        num_frames=num_frames,
+        sampling_rate=sampling_rate,
+        load_audio=audio is None,
+        load_frames=not frames,
+        audio_seconds=audio_seconds,
+        frame_transform="reference_jpeg" if reference_jpegs else "none",
+    )
+
+
 def decode_clip(
     row: dict, frame_indices: Sequence[int], num_frames: int, sampling_rate: int, audio_seconds: float | None
 ) -> DecodedClip:
-    """Decode one dataset row: the waveform and the frames at `frame_indices` (of `num_frames` sampled uniformly)."""
+    """Decode one dataset row: the waveform and the frames at `frame_indices` (of `num_frames` sampled uniformly).
+    Frames of a video are what the reference's extraction script stored for them (`media.reference_frame`), made
+    for the chosen frames only."""
     frames = row.get("frames") or []
-    audio = row.get("audio")
-    need_video_frames = not frames
-    need_video_audio = audio is None
-    clip = None
-    if need_video_frames or need_video_audio:
-        if not row.get("video"):
-            raise CavMaeDataError(f"Clip {row.get('clip_id')!r} has neither a video nor separate audio and frames.")
-        clip = media.load_video(
-            row["video"],
-            num_frames=num_frames,
-            sampling_rate=sampling_rate,
-            load_audio=need_video_audio,
-            load_frames=need_video_frames,
-            audio_seconds=audio_seconds,
-        )
-    waveform = clip.audio if need_video_audio else _read_encoded_audio(audio, sampling_rate, audio_seconds)
-    if need_video_frames:
-        images = [clip.frames[min(index, len(clip.frames) - 1)] for index in frame_indices]
+    clip = _video_of(row, num_frames, sampling_rate, audio_seconds, reference_jpegs=False)
+    waveform = clip.audio if row.get("audio") is None else _read_encoded_audio(row["audio"], sampling_rate, audio_seconds)
+    if not frames:
+        images = [media.reference_frame(clip.frames[min(index, len(clip.frames) - 1)]) for index in frame_indices]
     else:
         images = [_open_frame(frames[_existing_frame_index(frames, index)]) for index in frame_indices]
     return DecodedClip(waveform=waveform, frames=images)
 
 
-def _encode_png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+def _file_bytes(entry: dict) -> bytes:
+    if entry.get("bytes") is not None:
+        return entry["bytes"]
+    return Path(entry["path"]).read_bytes()
 
 
-def _encode_wav(waveform: np.ndarray, sampling_rate: int) -> bytes:
-    import soundfile
-
-    buffer = io.BytesIO()
-    soundfile.write(buffer, waveform, sampling_rate, format="WAV", subtype="FLOAT")
-    return buffer.getvalue()
+def reference_files(row: dict, num_frames: int, sampling_rate: int, audio_seconds) -> tuple[bytes, list[bytes]]:
+    """
+    A row as the files the reference's extraction scripts wrote (`extract_audio.py`, `extract_video_frame.py`): its
+    audio as a 16 kHz 16-bit mono WAV and `num_frames` frames as 224-pixel quality-75 JPEGs (`media.wav_bytes`,
+    `media.reference_frame_jpeg`). Separate frame files and WAV audio of the row are kept as they are; audio in
+    another format becomes that WAV.
+    """
+    frames = row.get("frames") or []
+    clip = _video_of(row, num_frames, sampling_rate, audio_seconds, reference_jpegs=True)
+    if row.get("audio") is None:
+        wav = media.wav_bytes(clip.audio, sampling_rate)
+    elif (row["audio"].get("path") or "").lower().endswith(".wav") or row["audio"].get("bytes") is not None:
+        wav = _file_bytes(row["audio"])
+    else:
+        wav = media.wav_bytes(_read_encoded_audio(row["audio"], sampling_rate, audio_seconds), sampling_rate)
+    if frames:
+        jpegs = [_file_bytes(frames[_existing_frame_index(frames, index)]) for index in range(num_frames)]
+    else:
+        jpegs = [clip.frame_jpegs[min(index, len(clip.frame_jpegs) - 1)] for index in range(num_frames)]
+    return wav, jpegs
 
 
 def clip_source(row: dict) -> str:
@@ -533,7 +555,7 @@ def _decode_rows_to_bytes(batch: dict, num_frames: int, sampling_rate: int, audi
     kept = []
     for row in _rows(batch):
         try:
-            clip = decode_clip(row, range(num_frames), num_frames, sampling_rate, audio_seconds)
+            wav, jpegs = reference_files(row, num_frames, sampling_rate, audio_seconds)
         except Exception as error:  # noqa: BLE001 - decoders of damaged files raise many types
             if on_error == "raise":
                 raise CavMaeDataError(f"Could not decode {describe_failure(row, error)}") from error
@@ -542,8 +564,8 @@ def _decode_rows_to_bytes(batch: dict, num_frames: int, sampling_rate: int, audi
             if on_error == "keep":
                 kept.append(row)
             continue
-        audio = {"bytes": _encode_wav(clip.waveform, sampling_rate), "path": None}
-        frames = [{"bytes": _encode_png(image), "path": None} for image in clip.frames]
+        audio = {"bytes": wav, "path": None}
+        frames = [{"bytes": jpeg, "path": None} for jpeg in jpegs]
         kept.append({**row, "audio": audio, "frames": frames, "video": None})
     return {column: [row[column] for row in kept] for column in batch}
 
@@ -560,9 +582,10 @@ def decode_clips(
     max_skipped_fraction: float | None = 0.5,
 ) -> datasets.Dataset:
     """
-    Decode every clip once into encoded audio (32-bit float WAV at `sampling_rate`) and `num_frames` PNG frames,
-    so that training epochs read small blobs instead of running the video decoder (the reference's
-    `extract_audio.py` / `extract_video_frame.py` step). The result has the same schema; `datasets` caches it.
+    Decode every clip once into what the reference's `extract_audio.py` / `extract_video_frame.py` wrote (see
+    [`reference_files`]): a 16-bit WAV at `sampling_rate` and `num_frames` 224-pixel quality-75 JPEG frames, about
+    0.4 MB a 10 s clip, so that training epochs read small blobs instead of running the video decoder, and give the
+    same model inputs as from the video. The result has the same schema; `datasets` caches it.
 
     `on_error` decides what a clip that cannot be decoded does: `"raise"` (a [`CavMaeDataError`] naming the clip
     and the cause), `"skip"` (a warning naming it, and the clip is left out of the result; more than
@@ -642,17 +665,20 @@ def spec_augment(
 
 def add_noise_and_roll(features: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """
-    The reference's noise augmentation on normalised features `[B, T, F]`: per clip, add uniform noise in
-    `[0, a / 10)` with `a ~ U(0, 1)`, then roll along time by a shift drawn from `[-T, T)`. Draws from `generator`
-    (default: torch's global generator).
+    The reference's noise augmentation on normalised features `[B, T, F]`: per clip, uniform noise in `[0, a / 10)`
+    with `a ~ U(0, 1)`, and a roll along time by a shift drawn from `[-T, T)`. The roll comes first here, as two
+    slice copies per clip, and the noise is added to the result in place: i.i.d. noise rolled is i.i.d. noise, so
+    the distribution is the reference's. Draws from `generator` (default: torch's global generator).
     """
     batch_size, length, _ = features.shape
     scale = torch.rand(batch_size, 1, 1, generator=generator) / 10
     noise = torch.rand(features.shape, generator=generator, dtype=features.dtype, device=features.device)
-    noisy = features + noise * scale
     shifts = torch.randint(-length, length, (batch_size,), generator=generator)
-    index = (torch.arange(length)[None, :] - shifts[:, None]) % length
-    return torch.gather(noisy, 1, index[:, :, None].expand_as(noisy))
+    rolled = torch.empty_like(features)
+    for row, source, shift in zip(rolled, features, (shifts % length).tolist()):
+        row[shift:] = source[: length - shift]
+        row[:shift] = source[length - shift :]
+    return rolled.add_(noise.mul_(scale.to(features.dtype)))
 
 
 def draw_mixup(
@@ -1003,8 +1029,10 @@ class AudioVisualTransform:
         ]
         pixel_values = self.pixel_values(clips)
         if self.training:
-            shape = (-1,) + (1,) * (pixel_values.dim() - 1)
-            pixel_values = lambdas.view(shape) * pixel_values + (1 - lambdas.view(shape)) * pixel_values[partners]
+            mixed = (lambdas < 1).nonzero().flatten()
+            if len(mixed):  # only the mixed clips: a pass over the whole batch for lambda = 1 would change nothing
+                weights = lambdas[mixed].view((-1,) + (1,) * (pixel_values.dim() - 1))
+                pixel_values[mixed] = weights * pixel_values[mixed] + (1 - weights) * pixel_values[partners[mixed]]
             input_features = spec_augment(
                 input_features, self.freqm, self.timem, fill_value=self._raw_zero, generator=generator
             )
@@ -1236,6 +1264,7 @@ __all__ = [
     "mix_waveforms",
     "pretraining_transforms",
     "read_label_csv",
+    "reference_files",
     "smoothed_targets",
     "spec_augment",
     "with_transform",
