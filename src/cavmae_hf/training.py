@@ -73,7 +73,6 @@ logger = logging.get_logger(__name__)
 
 LOSS_COMPONENTS = ("mae_loss", "audio_mae_loss", "visual_mae_loss", "contrastive_loss", "contrastive_accuracy")
 HEAD_PREFIX = "classifier."
-CLASSIFIER_OUTPUTS_NOT_GATHERED = ["frame_logits"]
 WEIGHT_AVERAGE_FILE = "weight_average.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
 CHECKPOINT_PATTERN = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
@@ -181,7 +180,8 @@ class DataArguments:
     noise: bool = field(default=True, metadata={"help": "Noise + time-roll augmentation in training."})
     decode_once: bool = field(
         default=False,
-        metadata={"help": "Decode every video once into audio and PNG frames before training (faster epochs)."},
+        metadata={"help": "Decode every video once before training into what the reference's extraction scripts "
+        "wrote (16-bit WAV, 224-pixel JPEG frames): faster epochs, the same model inputs."},
     )
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for decode_once."})
     streaming: bool = field(
@@ -663,6 +663,9 @@ class AugmentationEpochCallback(TrainerCallback):
     def __init__(self):
         self.epoch = None
         self.transforms: list[AudioVisualTransform] = []
+        # samplers with `set_epoch` the Trainer may not reach (accelerate forwards the epoch to a batch sampler
+        # only, not to the sampler inside a plain one): CavMaeTrainer registers its weighted sampler here
+        self.samplers = []
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
         self.transforms = attached_transforms(getattr(train_dataloader, "dataset", None))
@@ -676,6 +679,8 @@ class AugmentationEpochCallback(TrainerCallback):
         self.epoch = int(math.floor((state.epoch or 0) + 1e-9)) if self.epoch is None else self.epoch + 1
         for transform in self.transforms:
             transform.set_epoch(self.epoch)
+        for sampler in self.samplers:
+            sampler.set_epoch(self.epoch)
 
 
 def evaluation_prefix(logs: dict) -> str | None:
@@ -856,7 +861,7 @@ class CavMaeTrainer(Trainer):
             kwargs["data_collator"] = AudioVisualDataCollator()
         callbacks = list(kwargs.get("callbacks") or [])
         self.skipped_clips_callback = _find_or_add(callbacks, SkippedClipsCallback)
-        _find_or_add(callbacks, AugmentationEpochCallback)
+        self.augmentation_epoch_callback = _find_or_add(callbacks, AugmentationEpochCallback)
         kwargs["callbacks"] = callbacks
         super().__init__(*args, **kwargs)
         self.sample_weights = sample_weights
@@ -984,7 +989,9 @@ class CavMaeTrainer(Trainer):
         if weights is None:
             return super()._get_train_sampler(train_dataset)
         # the same draws on every process (accelerate shards the batches), and per epoch (resuming repeats them)
-        return EpochSeededWeightedSampler(weights, len(weights), data_seed(self.args))
+        sampler = EpochSeededWeightedSampler(weights, len(weights), data_seed(self.args))
+        self.augmentation_epoch_callback.samplers = [sampler]
+        return sampler
 
     # Loss components ---------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -1078,8 +1085,7 @@ class CavMaeTrainer(Trainer):
             with torch.no_grad(), self.compute_loss_context_manager():
                 loss = self.compute_loss(model, inputs)
             return loss.detach(), None, None
-        # only the (frame-aggregated) logits are gathered, not the per-frame logits or pooled features
-        ignore_keys = CLASSIFIER_OUTPUTS_NOT_GATHERED if ignore_keys is None else ignore_keys
+        # classifiers: the Trainer's step, which leaves out config.keys_to_ignore_at_inference (the per-frame logits)
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
 
