@@ -144,3 +144,39 @@ def reference_encoder_streams(reference, audio, frames):
     for block in reference.blocks_u:
         visual_stream = block(visual_stream, "v")
     return reference.norm(joint), reference.norm_a(audio_stream), reference.norm_v(visual_stream)
+
+
+LOADER_DEPS_ENV = "CAVMAE_REFERENCE_LOADER_DEPS"
+
+
+def _soundfile_load(path, *args, **kwargs):
+    """`torchaudio.load` as the reference called it (float32 `[channels, samples]`, rate), read with soundfile:
+    torchaudio 2.9+ reads files only through torchcodec, which this stack does not have."""
+    import soundfile
+
+    data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    return torch.from_numpy(np.ascontiguousarray(data.T)), rate
+
+
+def load_reference_dataloader():
+    """
+    The reference's `dataloader` module (with `AudiosetDataset`), or None when `CAVMAE_REFERENCE_SRC` is unset. It
+    imports torchaudio and torchvision: `CAVMAE_REFERENCE_LOADER_DEPS` is a folder holding both, installed with
+    `pip install --no-deps --target DIR torchaudio==2.11.0 torchvision==0.28.0` and torchaudio's compiled libraries
+    moved out of `DIR/torchaudio/lib` (its `compliance.kaldi` and masking transforms are plain torch). Shims:
+    torchvision's operator registrations (which need its own compiled library) are skipped (the reference uses only
+    its PIL transforms), and `torchaudio.load` reads WAV files with soundfile.
+    """
+    src = reference_src()
+    if src is None:
+        return None
+    deps = os.environ.get(LOADER_DEPS_ENV)
+    if deps and deps not in sys.path:
+        sys.path.insert(0, deps)
+    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+    import torchaudio
+
+    torchaudio.load = _soundfile_load
+    if src not in sys.path:
+        sys.path.insert(0, src)
+    return importlib.import_module("dataloader")
