@@ -52,7 +52,7 @@ import torch
 from PIL import Image
 
 from . import media
-from .configuration_cav_mae import CavMaeError
+from .configuration_cav_mae import CavMaeArgumentError, CavMaeError
 from .feature_extraction_cav_mae import CavMaeFeatureExtractor
 
 logger = logging.getLogger(__name__)
@@ -1170,7 +1170,8 @@ class TransformedStream(torch.utils.data.IterableDataset):
 
     def __len__(self) -> int:
         if self.num_examples is None:
-            raise TypeError("This stream has no length: give num_examples (the clips of one epoch).")
+            # a TypeError, as len() of an object without a length raises: the Trainer's has_length() expects one
+            raise CavMaeArgumentError("This stream has no length: give num_examples (the clips of one epoch).")
         return self.num_examples
 
     def set_epoch(self, epoch: int) -> None:
