@@ -69,14 +69,17 @@ def _stub_torchvision():
     )
 
 
+def _import_first_from(path: str | None) -> None:
+    if path and path not in sys.path:
+        sys.path.insert(0, path)
+
+
 def load_reference_models():
     """The reference's `models` module (with `CAVMAE`, `CAVMAEFT`), or None when `CAVMAE_REFERENCE_SRC` is unset."""
     src = reference_src()
     if src is None:
         return None
-    deps = os.environ.get(DEPS_ENV)
-    if deps and deps not in sys.path:
-        sys.path.insert(0, deps)
+    _import_first_from(os.environ.get(DEPS_ENV))
     if not hasattr(np, "float"):
         np.float = float  # the reference's pos_embed.py uses the alias removed in NumPy 1.24
     _stub_torchvision()
@@ -170,13 +173,10 @@ def load_reference_dataloader():
     src = reference_src()
     if src is None:
         return None
-    deps = os.environ.get(LOADER_DEPS_ENV)
-    if deps and deps not in sys.path:
-        sys.path.insert(0, deps)
+    _import_first_from(os.environ.get(LOADER_DEPS_ENV))
     sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
     import torchaudio
 
     torchaudio.load = _soundfile_load
-    if src not in sys.path:
-        sys.path.insert(0, src)
+    _import_first_from(src)
     return importlib.import_module("dataloader")
