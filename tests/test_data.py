@@ -16,6 +16,7 @@ from cavmae_hf.data import (
     AudioVisualDataCollator,
     AudioVisualTransform,
     CavMaeDataError,
+    LabelFileError,
     LabelSet,
     add_noise_and_roll,
     balanced_sample_weights,
@@ -148,11 +149,11 @@ def test_reference_json_without_label_csv_uses_sorted_mids(reference_layout):
 def test_label_csv_errors(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("id,name\n0,x\n")
-    with pytest.raises(CavMaeDataError, match="index,mid,display_name"):
+    with pytest.raises(LabelFileError, match="index,mid,display_name"):
         read_label_csv(bad)
-    with pytest.raises(CavMaeDataError, match="not found"):
+    with pytest.raises(LabelFileError, match="not found"):
         read_label_csv(tmp_path / "missing.csv")
-    with pytest.raises(CavMaeDataError, match="Unknown label"):
+    with pytest.raises(LabelFileError, match="Unknown label"):
         LabelSet(["a"]).index_of("zzz")
 
 

@@ -28,7 +28,8 @@ from cavmae_hf import (
     cli,
 )
 from cavmae_hf.configuration_cav_mae import CavMaeArgumentError, CavMaeConfigError
-from cavmae_hf.convert_original_checkpoint import CheckpointConversionError, convert_checkpoint, read_label_csv
+from cavmae_hf.convert_original_checkpoint import CheckpointConversionError, convert_checkpoint
+from cavmae_hf.labels import LabelFileError, read_label_csv
 from cavmae_hf.convert_original_checkpoint import main as convert_main
 from cavmae_hf.feature_extraction_cav_mae import CavMaeFeatureExtractionError
 from cavmae_hf.modeling_cav_mae import CavMaeInputError
@@ -726,16 +727,16 @@ def test_converter_accepts_legitimate_variants(tmp_path, original):
 def test_label_csv_errors(tmp_path, content, message):
     path = tmp_path / "labels.csv"
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
-    with pytest.raises(CheckpointConversionError, match=message):
+    with pytest.raises(LabelFileError, match=message):
         read_label_csv(path)
-    with pytest.raises(CheckpointConversionError, match="Label file not found"):
+    with pytest.raises(LabelFileError, match="Label file not found"):
         read_label_csv(tmp_path / "none.csv")
 
 
 def test_label_csv_with_a_byte_order_mark(tmp_path):
     path = tmp_path / "labels.csv"
     path.write_bytes("\ufeffindex,mid,display_name\n0,/m/0,Speech\n1,/m/1,Music\n".encode())
-    assert read_label_csv(path) == {0: "Speech", 1: "Music"}
+    assert read_label_csv(path).id2label == {0: "Speech", 1: "Music"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -818,6 +819,7 @@ def _error_classes():
         CavMaeFeatureExtractionError,
         MediaError,
         CheckpointConversionError,
+        LabelFileError,
         CheckpointLoadError,
         ModelCardError,
         RetrievalError,
@@ -847,7 +849,8 @@ def test_except_cavmae_error_catches_every_area(tmp_path):
         "CavMaeInputError": lambda: CavMaeModel(CavMaeConfig(**tiny_config_kwargs()))(torch.randn(64, 32)),
         "CavMaeFeatureExtractionError": lambda: CavMaeFeatureExtractor()(np.zeros(10, np.float32), sampling_rate=RATE),
         "MediaError": lambda: media.load_video(tmp_path / "missing.mp4"),
-        "CheckpointConversionError": lambda: read_label_csv(tmp_path / "missing.csv"),
+        "LabelFileError": lambda: read_label_csv(tmp_path / "missing.csv"),
+        "CheckpointConversionError": lambda: convert_checkpoint(tmp_path / "missing.pth", tmp_path / "out"),
         "CheckpointLoadError": lambda: load_model(tmp_path / "nowhere"),
         "ModelCardError": lambda: card_metadata("no front matter"),
         "RetrievalError": lambda: index.search(torch.randn(5), "audio"),

@@ -14,17 +14,16 @@ nothing are left out, both listed; shapes must still match. (The reference's Ima
 pretraining, `IN-initial.pth`, is a whole pretraining checkpoint and needs no `--partial`.)
 """
 
-import csv
 import re
 import sys
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import torch
 
 from .configuration_cav_mae import CavMaeConfig, CavMaeError
 from .feature_extraction_cav_mae import CavMaeFeatureExtractor
+from .labels import audioset_labels, read_label_csv
 from .modeling_cav_mae import CavMaeForAudioVisualClassification, CavMaeForPreTraining, CavMaeModel
 
 AUDIOSET_NUM_LABELS = 527
@@ -293,44 +292,9 @@ def model_class_for(state_dict: dict):
     return CavMaeModel
 
 
-def read_label_csv(path) -> dict[int, str]:
-    """`index,mid,display_name` rows (the reference's label file) -> `{index: display_name}`, indices 0..N-1."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointConversionError(f"Label file not found: {path}")
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            rows = list(csv.DictReader(handle))
-    except UnicodeDecodeError:
-        raise CheckpointConversionError(f"{path} is not UTF-8 text; save the label CSV as UTF-8.") from None
-    except csv.Error as error:
-        raise CheckpointConversionError(f"{path} is not a readable CSV ({error}).") from None
-    if not rows or not {"index", "display_name"} <= set(rows[0]):
-        raise CheckpointConversionError(f"{path} must be a CSV with columns index,mid,display_name.")
-    labels = {}
-    for line, row in enumerate(rows, start=2):
-        try:
-            index = int(str(row["index"]).strip())
-        except ValueError:
-            raise CheckpointConversionError(
-                f"{path}, line {line}: index {row['index']!r} is not a whole number."
-            ) from None
-        if index in labels:
-            raise CheckpointConversionError(f"{path}, line {line}: index {index} appears twice.")
-        labels[index] = row["display_name"]
-    if sorted(labels) != list(range(len(labels))):
-        missing = sorted(set(range(len(labels))) - set(labels))
-        raise CheckpointConversionError(
-            f"{path}: the indices must be 0..{len(labels) - 1}, one row each; missing {missing[:5]}."
-        )
-    return labels
-
-
 def default_labels(num_labels: int) -> dict[int, str] | None:
-    if num_labels == AUDIOSET_NUM_LABELS:
-        with resources.files("cavmae_hf").joinpath("data/audioset_labels.csv").open(encoding="utf-8") as handle:
-            return {int(row["index"]): row["display_name"] for row in csv.DictReader(handle)}
-    return None
+    """The AudioSet class names for a 527-label head (the released AudioSet checkpoints), else None."""
+    return audioset_labels().id2label if num_labels == AUDIOSET_NUM_LABELS else None
 
 
 # Conversion --------------------------------------------------------------------------------------------------
@@ -410,7 +374,7 @@ def convert_checkpoint(
         classification_mode=classification_mode,
     )
     if model_class is CavMaeForAudioVisualClassification:
-        labels = read_label_csv(label_csv) if label_csv else default_labels(config.num_labels)
+        labels = read_label_csv(label_csv).id2label if label_csv else default_labels(config.num_labels)
         if labels is not None:
             if len(labels) != config.num_labels:
                 raise CheckpointConversionError(

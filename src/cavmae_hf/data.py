@@ -54,6 +54,7 @@ from PIL import Image
 from . import media
 from .configuration_cav_mae import CavMaeArgumentError, CavMaeError
 from .feature_extraction_cav_mae import CavMaeFeatureExtractor
+from .labels import LabelFileError, LabelSet, read_label_csv
 
 logger = logging.getLogger(__name__)
 
@@ -75,55 +76,9 @@ class CavMaeDataError(CavMaeError):
 # ----------------------------------------------------------------------------------------------------------------
 # Labels
 # ----------------------------------------------------------------------------------------------------------------
-@dataclass
-class LabelSet:
-    """Class names in index order, with the reference's machine ids (`mid`, e.g. `/m/09x0r`) when known."""
-
-    names: list[str]
-    mids: list[str] | None = None
-
-    def __post_init__(self):
-        self._lookup = {name: index for index, name in enumerate(self.names)}
-        self._lookup.update({mid: index for index, mid in enumerate(self.mids or [])})
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    @property
-    def id2label(self) -> dict[int, str]:
-        return dict(enumerate(self.names))
-
-    @property
-    def label2id(self) -> dict[str, int]:
-        return {name: index for index, name in enumerate(self.names)}
-
-    def index_of(self, token: str) -> int:
-        """Index of a class given by its mid, its display name or its index as text."""
-        token = token.strip()
-        if token in self._lookup:
-            return self._lookup[token]
-        if token.isdigit() and int(token) < len(self.names):
-            return int(token)
-        raise CavMaeDataError(f"Unknown label {token!r}: not a mid, name or index of the {len(self.names)} classes.")
-
-    def feature(self) -> datasets.List:
-        return datasets.List(datasets.ClassLabel(names=list(self.names)))
-
-
-def read_label_csv(path) -> LabelSet:
-    """Read the reference's label file, a CSV with columns `index,mid,display_name` (rows in any order)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CavMaeDataError(f"Label CSV not found: {path}")
-    with open(path, newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    missing = {"index", "mid", "display_name"} - set(rows[0] if rows else {})
-    if missing:
-        raise CavMaeDataError(f"{path} must have the columns index,mid,display_name; missing {sorted(missing)}.")
-    rows.sort(key=lambda row: int(row["index"]))
-    if [int(row["index"]) for row in rows] != list(range(len(rows))):
-        raise CavMaeDataError(f"{path}: the indices must be 0..{len(rows) - 1}, each once.")
-    return LabelSet(names=[row["display_name"] for row in rows], mids=[row["mid"] for row in rows])
+def label_feature(label_set: LabelSet) -> datasets.List:
+    """The `datasets` feature of a multi-label column over `label_set`'s classes."""
+    return datasets.List(datasets.ClassLabel(names=list(label_set.names)))
 
 
 def labels_for_classification(label_set: LabelSet) -> dict:
@@ -151,7 +106,7 @@ def clip_dataset_features(label_set: LabelSet | None) -> datasets.Features:
             "video": datasets.Value("string"),
             "audio": {"bytes": datasets.Value("binary"), "path": datasets.Value("string")},
             "frames": datasets.List(datasets.Image(decode=False)),
-            "labels": label_set.feature() if label_set is not None else datasets.List(datasets.Value("int32")),
+            "labels": label_feature(label_set) if label_set is not None else datasets.List(datasets.Value("int32")),
         }
     )
 
@@ -1265,6 +1220,7 @@ __all__ = [
     "mix_waveforms",
     "pretraining_transforms",
     "read_label_csv",
+    "LabelFileError",
     "reference_files",
     "smoothed_targets",
     "spec_augment",
