@@ -348,16 +348,14 @@ def balanced_sample_weights(dataset) -> np.ndarray:
 # Decoding
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
-class DecodedClip:
+class DecodedClip(media.Clip):
     """
-    A clip's mono float32 waveform at `sampling_rate` and its chosen frames (RGB PIL images). The
-    [`AudioVisualTransform`] that decoded it also sets `labels` (class indices), `key` (what identifies the clip for
-    the augmentation seeds), `transform` (itself: [`AudioVisualDataCollator`] asks it to batch the clip) and
-    `stand_in` (the reference's constant stand-in for a clip that failed to load, with `on_error="stand_in"`).
+    A [`cavmae_hf.media.Clip`] decoded for training: its mono float32 `audio` at `sampling_rate` and its chosen
+    frames. The [`AudioVisualTransform`] that decoded it also sets `labels` (class indices), `key` (what identifies
+    the clip for the augmentation seeds), `transform` (itself: [`AudioVisualDataCollator`] asks it to batch the clip)
+    and `stand_in` (the reference's constant stand-in for a clip that failed to load, with `on_error="stand_in"`).
     """
 
-    waveform: np.ndarray
-    frames: list
     labels: Sequence[int] = ()
     key: tuple = ()
     transform: "AudioVisualTransform | None" = field(default=None, repr=False)
@@ -425,7 +423,7 @@ def decode_clip(
         images = [media.reference_frame(clip.frames[min(index, len(clip.frames) - 1)]) for index in frame_indices]
     else:
         images = [_open_frame(frames[_existing_frame_index(frames, index)]) for index in frame_indices]
-    return DecodedClip(waveform=waveform, frames=images)
+    return DecodedClip(audio=waveform, sampling_rate=sampling_rate, frames=images, source=clip_source(row))
 
 
 def _file_bytes(entry: dict) -> bytes:
@@ -945,7 +943,8 @@ class AudioVisualTransform:
             return None
         extractor = self.feature_extractor
         blank = Image.new("RGB", (extractor.image_size, extractor.image_size))
-        return DecodedClip(np.zeros(extractor.sampling_rate, np.float32), [blank] * num_images, stand_in=True)
+        silence = np.zeros(extractor.sampling_rate, np.float32)
+        return DecodedClip(silence, extractor.sampling_rate, [blank] * num_images, stand_in=True)
 
     def _count(self, num_rows: int, failures: list[tuple[int, str]]) -> None:
         """Update the counters; raise when a whole batch failed (with `"skip"`) or a limit is passed."""
@@ -975,7 +974,7 @@ class AudioVisualTransform:
         generator = self._generator([clip.key for clip in clips])
         partners, lambdas = draw_mixup(len(clips), self.mixup if self.training else 0.0, generator=generator)
         waveforms = [
-            mix_waveforms(clip.waveform, clips[int(partner)].waveform, float(weight)) if weight < 1 else clip.waveform
+            mix_waveforms(clip.audio, clips[int(partner)].audio, float(weight)) if weight < 1 else clip.audio
             for clip, partner, weight in zip(clips, partners, lambdas)
         ]
         extractor = self.feature_extractor

@@ -58,19 +58,28 @@ class MediaError(CavMaeError):
 
 
 @dataclass
-class VideoClip:
-    """What `load_video` read: mono float32 audio `[N]` at `sampling_rate` (None if not asked for); RGB frames (PIL
-    images), with their presentation times in seconds and their numbers in decode order (0: the first frame
-    decoded); with `frame_transform="reference_jpeg"`, also the JPEG file of each frame (`bytes`) that the
-    reference's script would have written, of which `frames` are the decoded images."""
+class Clip:
+    """
+    One clip, the package's one clip type: mono float32 `audio` `[N]` at `sampling_rate` (None when absent) and RGB
+    `frames` (PIL images), and where it came from (`source`). From `load_video` also the frames' presentation times
+    in seconds and their numbers in decode order (0: the first frame decoded), the file's duration, and with
+    `frame_transform="reference_jpeg"` the JPEG file of each frame (`bytes`) that the reference's script would have
+    written, of which `frames` are the decoded images.
+    """
 
-    audio: np.ndarray | None
-    sampling_rate: int
+    audio: np.ndarray | None = None
+    sampling_rate: int | None = None
     frames: list = field(default_factory=list)
+    source: str | None = None
     frame_times: list = field(default_factory=list)
     duration: float | None = None
     frame_numbers: list = field(default_factory=list)
     frame_jpegs: list = field(default_factory=list)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """`"audio"` and / or `"visual"`: what the clip has."""
+        return tuple(name for name, present in (("audio", self.audio is not None), ("visual", bool(self.frames))) if present)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -551,7 +560,7 @@ def load_video(
     frame_selection: str = "decode_order",
     frame_transform: str = "reference_jpeg",
     audio_precision: str = "int16",
-) -> VideoClip:
+) -> Clip:
     """
     Read a video (mp4, webm, mkv, avi, ...). By default the result is what the CAV-MAE reference's preprocessing
     scripts wrote for the file, the data every released checkpoint was trained and evaluated on: the feature
@@ -573,7 +582,7 @@ def load_video(
             `"timestamp"`: the frame shown at `int(i * total / num_frames) / fps`, uniform in time also when the
             frame rate varies (phone videos, screen recordings), and not one frame early.
         frame_transform: `"reference_jpeg"` (default): each frame as `reference_frame` makes it, 224 x 224 after a
-            bilinear resize, a centre crop and a quality-75 JPEG round trip (`VideoClip.frame_jpegs` holds the
+            bilinear resize, a centre crop and a quality-75 JPEG round trip (`Clip.frame_jpegs` holds the
             JPEGs). `"none"`: the full decoded frame, upright, for the feature extractor to resize once (bicubic).
         audio_precision: `"int16"` (default): resampled straight to 16-bit samples, as the reference's WAV; then
             `int16 / 32768`. `"float32"`: the resampler's float output, without the 16-bit rounding.
@@ -588,7 +597,7 @@ def load_video(
     _check_option("frame_transform", frame_transform, FRAME_TRANSFORMS)
     _check_option("audio_precision", audio_precision, AUDIO_PRECISIONS)
     path = Path(path)
-    clip = VideoClip(audio=None, sampling_rate=sampling_rate)
+    clip = Clip(sampling_rate=sampling_rate, source=str(path))
     with _open(path) as container:
         if container.duration is not None:
             clip.duration = container.duration / av.time_base
@@ -824,7 +833,7 @@ def is_media_file(path) -> bool:
 
 __all__ = [
     "MediaError",
-    "VideoClip",
+    "Clip",
     "AUDIO_PRECISIONS",
     "check_file",
     "FRAME_SELECTIONS",

@@ -38,7 +38,6 @@ import numbers
 import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +50,7 @@ from transformers.utils import logging
 
 from .media import (
     AUDIO_PRECISIONS,
+    Clip,
     DEFAULT_AUDIO_SECONDS,
     DEFAULT_SAMPLING_RATE,
     FRAME_SELECTIONS,
@@ -64,7 +64,7 @@ from .media import (
 )
 from .configuration_cav_mae import CavMaeArgumentError, CavMaeError
 from .feature_extraction_cav_mae import CavMaeFeatureExtractionError, CavMaeFeatureExtractor
-from .modeling_cav_mae import AUDIO, VISUAL, CavMaeInputError
+from .modeling_cav_mae import CavMaeInputError
 
 logger = logging.get_logger(__name__)
 
@@ -89,22 +89,6 @@ class CheckpointLoadError(CavMaeError):
 # ----------------------------------------------------------------------------------------------------------------
 # Inputs
 # ----------------------------------------------------------------------------------------------------------------
-@dataclass
-class Clip:
-    """One clip to run through a CAV-MAE model: mono `audio` `[N]` at `sampling_rate` and/or RGB `frames`."""
-
-    audio: np.ndarray | None = None
-    sampling_rate: int | None = None
-    frames: list = field(default_factory=list)
-    source: str | None = None
-
-    @property
-    def modalities(self) -> tuple[str, ...]:
-        return tuple(
-            name for name, present in ((AUDIO, self.audio is not None), (VISUAL, bool(self.frames))) if present
-        )
-
-
 def load_clip(
     source,
     num_frames: int = DEFAULT_NUM_FRAMES,
@@ -214,7 +198,7 @@ def _load_path(path: Path, num_frames: int, sampling_rate: int, audio_seconds, v
         audio_seconds=audio_seconds,
         **(video_options or {}),
     )
-    return Clip(audio=video.audio, sampling_rate=video.sampling_rate, frames=list(video.frames), source=str(path))
+    return video
 
 
 def _probe_streams(path: Path) -> tuple[bool, bool]:
