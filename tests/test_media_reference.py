@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from PIL import Image
 
 from reference_scripts import opencv_decode_all, opencv_frame_count_and_rate, opencv_frames, script_jpeg
 
