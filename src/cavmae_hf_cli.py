@@ -17,8 +17,7 @@ line on stderr; `--debug` shows the traceback instead.
 
 import argparse
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections import namedtuple
 from pathlib import Path
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
@@ -149,14 +148,9 @@ def add_convert_options(parser):
     )
 
 
-@dataclass(frozen=True)
-class Subcommand:
-    """A subcommand with its own options; `--json`, `--quiet` and `--debug` are common to all of them."""
-
-    name: str
-    add_options: Callable[[argparse.ArgumentParser], None]
-    help: str
-    description: str
+# A subcommand with its own options (`add_options(parser)`); `--json`, `--quiet` and `--debug` are common to all.
+# (A namedtuple: dataclasses would import inspect, a tenth of the start-up time.)
+Subcommand = namedtuple("Subcommand", ["name", "add_options", "help", "description"])
 
 
 SUBCOMMANDS = (
