@@ -5,17 +5,18 @@ the runs that hang or fail, and print the stacks of the first hang.
 
 `new` / `old`: the 2-process DDP fixture of test_distributed.py, with its teardown (the DDP wrapper gone, then
 destroy_process_group) or the order it had before (destroy_process_group while the wrapper is alive), which
-deadlocked ~1 run in 7. `exit-new` / `exit-old`: the end of a `Trainer` run under `torchrun`: an all-gather of
+deadlocked ~1 run in 7. `exit-new` / `exit-old`: the end of a `Trainer` run, under `torchrun`: an all-gather of
 tensors made in Python (the last collective of `Trainer.train`) and the interpreter's exit, with
-`cavmae_hf.distributed.end_distributed_run()` first or with the group left to interpreter shutdown, which aborted
-(SIGABRT, "terminate called without an active exception") ~1 run in 7 on a loaded 2-core machine.
+`cavmae_hf.distributed.end_distributed_run()` first or with the group left to interpreter shutdown, which aborts
+(SIGABRT, "terminate called without an active exception") in some runs on a loaded 2-core machine.
 `busy processes` adds that many spinning processes, as other jobs on a shared CI machine would. A hang prints the
 native stacks (gdb) and Python stacks (faulthandler on SIGUSR1) of the processes still alive.
 """
 
 import os
+import re
+import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -59,10 +60,12 @@ def _worker(rank: int, output_dir: str, mode: str):
 
 
 def _exit_worker(mode: str):
-    """One process of an `exit-*` run (started as `python distributed_stress.py --exit-worker MODE`, env rendezvous
-    as under torchrun): the last collective of `Trainer.train` (its FLOP count), then the end of the script. Both
-    modes import the same modules first, so that only the ending differs."""
-    from cavmae_hf.distributed import end_distributed_run
+    """One process of an `exit-*` run (`torchrun ... distributed_stress.py --exit-worker MODE`): the last
+    collective of `Trainer.train` (its FLOP count), then the end of the script. `exit-old` is a plain torch script;
+    `exit-new` imports the package's function first (before the collective, so that the import does not widen the
+    gap between the collective and the exit)."""
+    if mode == "exit-new":
+        from cavmae_hf.distributed import end_distributed_run
 
     torch.distributed.init_process_group("gloo")
     scalar = torch.tensor([1.0])
@@ -73,36 +76,24 @@ def _exit_worker(mode: str):
         end_distributed_run()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run_exit_scenario(mode: str, timeout: float) -> str | None:
-    """One `exit-*` run; None if both processes exit with 0, else what went wrong."""
-    port, processes = _free_port(), []
-    for rank in range(2):
-        environment = {
-            **os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-        }  # fmt: skip
-        command = [sys.executable, __file__, "--exit-worker", mode]
-        processes.append(subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=environment))
-    problems = []
-    for rank, process in enumerate(processes):
-        try:
-            _, stderr = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            _, stderr = process.communicate()
-            problems.append(f"rank {rank} HANG")
-            continue
-        if process.returncode != 0:
-            name = signal.Signals(-process.returncode).name if process.returncode < 0 else process.returncode
-            last = stderr.strip().splitlines()[-1] if stderr.strip() else ""
-            problems.append(f"rank {rank} exit {name}: {last}")
-    return "; ".join(problems) or None
+    """One `exit-*` run under `torchrun` (as a user's job runs); None if it succeeds, else what went wrong."""
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
+    command = [torchrun, "--standalone", "--nproc_per_node", "2", __file__, "--exit-worker", mode]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=environment)
+    try:
+        _, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        return "HANG"
+    if process.returncode == 0:
+        return None
+    aborted = "terminate called without an active exception" in stderr
+    causes = sorted(set(re.findall(r"exitcode\s*:\s*(-?\d+)", stderr)))
+    summary = f"torchrun exit {process.returncode}, worker exit codes {causes}"
+    return summary + (" (abort: terminate called)" if aborted else "")
 
 
 def _run_fixture_scenario(mode: str, timeout: float, first_hang: bool) -> str | None:

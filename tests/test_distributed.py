@@ -28,11 +28,15 @@ from cavmae_hf import CavMaeConfig, CavMaeForPreTraining  # noqa: E402
 
 WORLD_SIZE = 2
 BATCH_PER_PROCESS = 3
-# The 2-process run takes ~4 s on an idle 2-core machine (spawn, imports, gloo start-up, two tiny steps); a hang must
-# not cost more than about a minute and a half, and must say where every process was:
+# The 2-process run takes ~4 s on an idle 2-core machine (spawn, imports, gloo start-up, two tiny steps), but the
+# start (two interpreters importing torch and Transformers) took over 90 s with other jobs busy on both cores. So the
+# start has its own generous limit; once both processes are at the start line, a hang must not cost more than about
+# a minute and a half, and must say where every process was:
+STARTUP_TIMEOUT_SECONDS = 600  # spawn and imports, until both processes have arrived
 COLLECTIVE_TIMEOUT_SECONDS = 60  # gloo rendezvous and collectives raise after this instead of waiting forever
 WORKER_TIMEOUT_SECONDS = 75  # each worker then writes its Python stacks and exits (faulthandler, exit=True)
-TIMEOUT_SECONDS = 90  # the test gives up on the run (or on torchrun) and fails with those stacks
+TIMEOUT_SECONDS = 90  # the test gives up on the run and fails with those stacks
+TORCHRUN_TIMEOUT_SECONDS = 600  # the same for a whole torchrun job, start included
 
 
 def make_model(negatives: str) -> CavMaeForPreTraining:
@@ -80,14 +84,30 @@ def _train_and_save(rank: int, output_dir: str):
     return weakref.ref(ddp)
 
 
+def _arrived(output_dir, rank=None) -> list[Path]:
+    """The marks of the processes (or of `rank`) that are imported and at the start line."""
+    return sorted(Path(output_dir).glob("arrived_rank*" if rank is None else f"arrived_rank{rank}"))
+
+
+def _wait_for_peers(rank: int, output_dir: str):
+    """Start together: a slow start (imports on a loaded machine) must not use up the rendezvous timeout."""
+    Path(output_dir, f"arrived_rank{rank}").touch()
+    deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
+    while len(_arrived(output_dir)) < WORLD_SIZE:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the other process did not start within {STARTUP_TIMEOUT_SECONDS} s")
+        time.sleep(0.05)
+
+
 def _worker(rank: int, output_dir: str):
     import faulthandler
 
     torch.set_num_threads(1)
     # if the run hangs, every process writes where it is stuck and exits, shortly before the test gives up
     stacks = open(os.path.join(output_dir, f"stacks_rank{rank}.txt"), "w")  # noqa: SIM115 - open until exit
-    faulthandler.dump_traceback_later(WORKER_TIMEOUT_SECONDS, exit=True, file=stacks)
     try:
+        _wait_for_peers(rank, output_dir)
+        faulthandler.dump_traceback_later(WORKER_TIMEOUT_SECONDS, exit=True, file=stacks)
         # a file rendezvous in a fresh directory: no port to pick, so no race with other processes taking it
         init_method = f"file://{os.path.join(output_dir, 'rendezvous')}"
         timeout = timedelta(seconds=COLLECTIVE_TIMEOUT_SECONDS)
@@ -120,11 +140,14 @@ def two_process_results(tmp_path_factory) -> dict[str, list[dict]]:
     context = multiprocessing.start_processes(
         _worker, args=(str(output_dir),), nprocs=WORLD_SIZE, join=False, start_method="spawn"
     )
-    deadline = time.monotonic() + TIMEOUT_SECONDS
+    deadline, started = time.monotonic() + STARTUP_TIMEOUT_SECONDS, False
     try:
         while not context.join(timeout=1, grace_period=5):
+            if not started and len(_arrived(output_dir)) == WORLD_SIZE:  # the run's own limit starts now
+                deadline, started = min(deadline, time.monotonic() + TIMEOUT_SECONDS), True
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the 2-process run did not finish within {TIMEOUT_SECONDS} s")
+                limit = f"{TIMEOUT_SECONDS} s after both started" if started else f"{STARTUP_TIMEOUT_SECONDS} s"
+                raise TimeoutError(f"the 2-process run did not finish within {limit}")
     except Exception as error:  # a hang, or a process that failed (its traceback is in its error file)
         for process in context.processes:
             if process.is_alive():
@@ -211,14 +234,14 @@ def test_example_pretraining_script_runs_unchanged_under_torchrun(tmp_path):
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment, start_new_session=True
     )
     try:
-        _, stderr = process.communicate(timeout=TIMEOUT_SECONDS)
+        _, stderr = process.communicate(timeout=TORCHRUN_TIMEOUT_SECONDS)
     except subprocess.TimeoutExpired:
         for stop in (signal.SIGABRT, signal.SIGKILL):  # the whole session: torchrun and its workers
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, stop)
             time.sleep(2)
         _, stderr = process.communicate()
-        message = f"torchrun did not finish within {TIMEOUT_SECONDS} s; its stderr, with the stacks:"
+        message = f"torchrun did not finish within {TORCHRUN_TIMEOUT_SECONDS} s; its stderr, with the stacks:"
         pytest.fail(f"{message}\n{stderr[-6000:]}")
     assert process.returncode == 0, stderr[-3000:]
     # 8 clips, 2 per process and step, 2 processes: 2 optimizer steps, each logged with its loss components
