@@ -26,12 +26,16 @@ from cavmae_hf import (
     CavMaeForPreTraining,
     CavMaeModel,
     cli,
+    media,
 )
 from cavmae_hf.configuration_cav_mae import CavMaeArgumentError, CavMaeConfigError
-from cavmae_hf.convert_original_checkpoint import CheckpointConversionError, convert_checkpoint
-from cavmae_hf.labels import LabelFileError, read_label_csv
+from cavmae_hf.convert_original_checkpoint import (
+    CheckpointConversionError,
+    convert_checkpoint,
+)
 from cavmae_hf.convert_original_checkpoint import main as convert_main
 from cavmae_hf.feature_extraction_cav_mae import CavMaeFeatureExtractionError
+from cavmae_hf.labels import LabelFileError, read_label_csv
 from cavmae_hf.modeling_cav_mae import CavMaeInputError
 from cavmae_hf.pipelines import (
     CLASSIFICATION_TASK,
@@ -606,7 +610,7 @@ def test_cli_option_errors(workspace, capsys, options, message):
 
 def test_cli_path_errors(workspace, tmp_path, capsys):
     model = workspace / "classifier"
-    assert_one_line(*run_cli(["classify", workspace, "--model", model], capsys)[::2], "is a directory, not a file")
+    assert_one_line(*run_cli(["classify", workspace, "--model", model], capsys)[::2], "is a directory, not a media file")
     assert_one_line(
         *run_cli(["classify", workspace / "clip.mp4", "--model", workspace / "clip.mp4"], capsys)[::2],
         "is not a saved model directory",
@@ -648,7 +652,7 @@ def test_cli_output_in_a_missing_folder_is_refused_before_any_work(workspace, tm
 
 
 def test_cli_debug_shows_the_traceback(workspace):
-    with pytest.raises(cli.UsageError, match="is a directory"):
+    with pytest.raises(media.MediaError, match="is a directory"):
         cli.main(["--debug", "classify", str(workspace), "--model", str(workspace / "classifier")])
 
 
@@ -843,6 +847,8 @@ def test_except_cavmae_error_catches_every_area(tmp_path):
     from cavmae_hf.model_card import card_metadata
 
     index = RetrievalIndex(["a"], {"audio": torch.randn(1, 4)})
+    audio_file = tmp_path / "tone.wav"
+    media.write_audio(audio_file, np.zeros(1600, np.float32))
     failures = {
         "CavMaeConfigError": lambda: CavMaeConfig(**tiny_config_kwargs(hidden_size=30)),
         "CavMaeArgumentError": lambda: CavMaeFeatureExtractor()(np.zeros(16000, np.float32), sampling_rate=RATE, pad=1),
@@ -854,7 +860,7 @@ def test_except_cavmae_error_catches_every_area(tmp_path):
         "CheckpointLoadError": lambda: load_model(tmp_path / "nowhere"),
         "ModelCardError": lambda: card_metadata("no front matter"),
         "RetrievalError": lambda: index.search(torch.randn(5), "audio"),
-        "UsageError": lambda: cli.main(["--debug", "classify", str(tmp_path), "--model", str(tmp_path)]),
+        "UsageError": lambda: cli.main(["--debug", "classify", str(audio_file), "--model", str(tmp_path / "none")]),
     }
     assert set(failures) == {error_class.__name__ for error_class in _error_classes()}
     for name, fail in failures.items():

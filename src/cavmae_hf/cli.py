@@ -39,13 +39,10 @@ def _progress(iterable, total: int, description: str, args):
 
 
 def _check_files(paths) -> list[str]:
-    for path in paths:
-        path = Path(path)
-        if path.is_dir():
-            raise UsageError(f"{path} is a directory, not a file.")
-        if not path.is_file():
-            raise UsageError(f"File not found: {path}")
-    return [str(path) for path in paths]
+    """Every input before any model is loaded: the one file check of `cavmae_hf.media`."""
+    from .media import check_file
+
+    return [str(check_file(path)) for path in paths]
 
 
 def _check_output_file(path: Path):
