@@ -20,25 +20,9 @@ import sys
 from collections import namedtuple
 from pathlib import Path
 
+__version__ = "0.1.0"  # the package's (setup.cfg and cavmae_hf.__version__ read it here)
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
 PROG = "cavmae"
-
-
-class _VersionAction(argparse.Action):
-    """`--version`: the installed distribution's version, looked up only when asked (importlib.metadata is slow)."""
-
-    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
-        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            installed = version("cavmae-hf")
-        except PackageNotFoundError:  # run from a source tree that was never installed
-            installed = "unknown (not installed)"
-        print(f"{parser.prog} {installed}")
-        parser.exit()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -206,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         "videos, convert original checkpoints.",
         epilog="Exit codes: 0 ok, 2 usage or input error, 1 internal error.",
     )
-    parser.add_argument("--version", action=_VersionAction, help="show the version of cavmae-hf and exit")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _add_common_options(parser, default=False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common = argparse.ArgumentParser(add_help=False)

@@ -1,5 +1,7 @@
 """CAV-MAE (Contrastive Audio-Visual Masked Autoencoder) for Hugging Face Transformers."""
 
+from cavmae_hf_cli import __version__ as __version__  # the one version string (setup.cfg reads it there too)
+
 from .configuration_cav_mae import CavMaeConfig, CavMaeConfigError, CavMaeError
 from .feature_extraction_cav_mae import CavMaeFeatureExtractor
 from .modeling_cav_mae import (
@@ -9,8 +11,6 @@ from .modeling_cav_mae import (
     CavMaePreTrainedModel,
 )
 from .registration import register_auto_classes
-
-__version__ = "0.1.0"
 
 register_auto_classes()
 
