@@ -36,7 +36,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -132,33 +131,17 @@ def reference_preprocess(arguments):
 
 
 def load_reference_loader():
-    """The reference's `dataloader` module, importable with torchaudio (its Kaldi fbank) and torchvision (its
-    transforms), or a sentence saying what is missing."""
-    from _reference import reference_src
+    """The reference's `dataloader` module (`_reference.load_reference_dataloader`), or a sentence saying what is
+    missing."""
+    from _reference import LOADER_DEPS_ENV, load_reference_dataloader
 
-    src = reference_src()
-    deps = os.environ.get("CAVMAE_REFERENCE_LOADER_DEPS")
-    if src is None or not deps:
-        return "reference skipped: set CAVMAE_REFERENCE_SRC and CAVMAE_REFERENCE_LOADER_DEPS (torchvision)"
+    if not os.environ.get(LOADER_DEPS_ENV):
+        return f"reference skipped: set CAVMAE_REFERENCE_SRC and {LOADER_DEPS_ENV} (torchaudio, torchvision)"
     try:
-        import soundfile
-        import torchaudio
-        import torchaudio.compliance.kaldi  # noqa: F401
+        module = load_reference_dataloader()
     except ImportError as error:
-        return f"reference skipped: its data loader needs torchaudio ({error}); see benchmarks/README.md"
-    sys.path += [path for path in (src, deps) if path not in sys.path]
-    # torchvision's operator meta-registrations need its C++ extension, which is built for another torch; the
-    # transforms the loader uses do not need them.
-    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
-
-    def load(path):  # torchaudio.load's result for a 16-bit WAV: float32 [channels, samples] / 32768, and the rate
-        samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
-        return torch.from_numpy(samples.T.copy()), rate
-
-    torchaudio.load = load
-    import dataloader
-
-    return dataloader
+        return f"reference skipped: its data loader needs torchaudio and torchvision ({error}); see benchmarks/README.md"
+    return module if module is not None else "reference skipped: CAVMAE_REFERENCE_SRC unset"
 
 
 def run_reference(paths, workdir: Path, reference, loader_module, batch_size: int):
