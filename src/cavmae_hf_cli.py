@@ -48,7 +48,7 @@ def positive_int(text: str) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # Options of each subcommand
 # ----------------------------------------------------------------------------------------------------------------
-def _add_model_options(parser, frames: bool = True, batch: bool = True):
+def _add_model_options(parser, frames: bool = True, batch: bool = True, video_options: str | None = "first"):
     parser.add_argument("--model", required=True, help="model directory (save_pretrained / converted) or Hub id")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
     parser.add_argument(
@@ -59,8 +59,35 @@ def _add_model_options(parser, frames: bool = True, batch: bool = True):
     )
     if frames:
         parser.add_argument("--num-frames", type=int, default=10, help="frames sampled per video (default: 10)")
+    if video_options:
+        _add_video_options(parser, video_options)
     if batch:
         parser.add_argument("--batch-size", type=int, default=1, help="clips per model call (default: 1)")
+
+
+# cavmae_hf.media's FRAME_SELECTIONS, FRAME_TRANSFORMS, AUDIO_PRECISIONS (written out: parsing imports no torch)
+VIDEO_OPTION_CHOICES = {
+    "frame_selection": ("decode_order", "timestamp"),
+    "frame_transform": ("reference_jpeg", "none"),
+    "audio_precision": ("int16", "float32"),
+}
+
+
+def _add_video_options(parser, default: str):
+    """How video files are decoded (`cavmae_hf.media.load_video`); the first choices reproduce the reference's
+    preprocessing scripts, the data the released checkpoints were trained on. `default`: "first", or "index" (the
+    options the index was built with)."""
+    helps = {
+        "frame_selection": "which frames: the reference scripts' OpenCV frame indices, or by timestamp",
+        "frame_transform": "frames as the reference scripts wrote them (224 px JPEG at quality 75), or untouched",
+        "audio_precision": "audio resampled to 16-bit samples as the reference's WAV files, or kept in float32",
+    }
+    for name, choices in VIDEO_OPTION_CHOICES.items():
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            choices=choices,
+            help=f"{helps[name]} (default: {choices[0] if default == 'first' else 'as the index was built'})",
+        )
 
 
 def _add_inputs(parser, metavar: str):
@@ -82,7 +109,7 @@ def _embed_options(parser):
 def _retrieve_options(parser):
     _add_inputs(parser, "QUERY")
     parser.add_argument("--index", required=True, type=Path, help="index written by `cavmae embed --output`")
-    _add_model_options(parser, batch=False)
+    _add_model_options(parser, batch=False, video_options="index")
     parser.add_argument("--top-k", type=int, default=5, help="results per query (default: 5)")
     parser.add_argument("--query-modality", choices=["audio", "visual"], help="which embedding of the query to use")
     parser.add_argument("--target-modality", choices=["audio", "visual"], help="which embeddings of the index to match")
@@ -90,7 +117,7 @@ def _retrieve_options(parser):
 
 def _reconstruct_options(parser):
     parser.add_argument("input", metavar="VIDEO", help="video file with an audio track")
-    _add_model_options(parser, batch=False)
+    _add_model_options(parser, batch=False, video_options=None)
     parser.add_argument("--output", "-o", type=Path, default=Path("reconstruction.png"), help="PNG to write")
     parser.add_argument("--frame-index", type=int, help="which sampled frame to show (default: the middle one)")
     parser.add_argument("--audio-mask-ratio", type=mask_ratio, help="default: the model's (0.75)")

@@ -225,6 +225,34 @@ def test_embed_then_retrieve(workspace, tmp_path, capsys):
     assert code == 0 and out.splitlines()[0] == str(workspace / "tone.wav") and len(out.splitlines()) == 5
 
 
+def test_embed_records_the_decoding_options_and_classify_takes_them(workspace, tmp_path, capsys):
+    import cavmae_hf_cli
+    from cavmae_hf import media
+    from cavmae_hf.retrieval import RetrievalIndex
+
+    choices = cavmae_hf_cli.VIDEO_OPTION_CHOICES
+    assert choices == {
+        "frame_selection": media.FRAME_SELECTIONS,
+        "frame_transform": media.FRAME_TRANSFORMS,
+        "audio_precision": media.AUDIO_PRECISIONS,
+    }
+    index = tmp_path / "index.safetensors"
+    clip, model = workspace / "clip_0.mp4", workspace / "classifier"
+    options = ["--frame-selection", "timestamp", "--audio-precision", "float32"]
+    code, _, _ = run_cli(["embed", clip, "--model", model, "--output", index, "--num-frames", 2, "-q", *options], capsys)
+    assert code == 0
+    metadata = RetrievalIndex.load(index).metadata
+    assert (metadata["frame_selection"], metadata["frame_transform"], metadata["audio_precision"]) == (
+        "timestamp",
+        "reference_jpeg",
+        "float32",
+    )
+    code, out, _ = run_cli(["classify", clip, "--model", model, "--json", "--num-frames", 2, *options], capsys)
+    assert code == 0 and json.loads(out)[0]["labels"]
+    code, _, err = run_cli(["classify", clip, "--model", model, "--frame-transform", "png"], capsys)
+    assert code == 2 and "--frame-transform" in err
+
+
 def test_embed_and_retrieve_errors(workspace, tmp_path, capsys):
     model = workspace / "classifier"
     assert_one_line_error(*run_cli(["embed", workspace / "clip_0.mp4", "--model", model], capsys)[::2], contains="--output")

@@ -6,11 +6,13 @@ from inference_helpers import save_tiny_encoder, write_clip, write_png, write_wa
 from safetensors.torch import save_file
 
 from cavmae_hf.retrieval import (
+    VIDEO_OPTION_DEFAULTS,
     RetrievalError,
     RetrievalIndex,
     build_index,
     default_modalities,
     feature_extraction_pipeline,
+    index_metadata,
     search,
 )
 
@@ -184,3 +186,19 @@ def test_saved_index_gives_the_same_results(gallery, tmp_path):
     got, want = search(reloaded, extractor, query, num_frames=4), search(index, extractor, query, num_frames=4)
     assert [hit.key for hit in got] == [hit.key for hit in want]
     assert [hit.score for hit in got] == pytest.approx([hit.score for hit in want], abs=1e-6)
+
+
+def test_an_index_records_its_decoding_options_and_video_queries_follow_them(gallery):
+    _, videos, extractor, index = gallery
+    assert {k: index.metadata[k] for k in VIDEO_OPTION_DEFAULTS} == VIDEO_OPTION_DEFAULTS
+    untouched = build_index(extractor, videos[:2], num_frames=4, video_options={"frame_transform": "none"})
+    assert untouched.metadata["frame_transform"] == "none"
+    assert untouched.metadata["frame_selection"] == VIDEO_OPTION_DEFAULTS["frame_selection"]
+    query = dict(query_modality="visual", target_modality="visual", num_frames=4, top_k=2)
+    (same,) = [hit for hit in search(untouched, extractor, str(videos[0]), **query) if hit.key == str(videos[0])]
+    assert same.score == pytest.approx(1.0, abs=1e-5)  # decoded as the gallery was, without being told
+    jpeg = search(untouched, extractor, str(videos[0]), video_options={"frame_transform": "reference_jpeg"}, **query)
+    (other,) = [hit for hit in jpeg if hit.key == str(videos[0])]
+    assert other.score < same.score - 1e-5  # an explicit option wins over the recorded one
+    with pytest.raises(RetrievalError, match="frame_rate"):
+        index_metadata("model", 4, {"frame_rate": 5})

@@ -133,6 +133,12 @@ def _dtype(args):
     return None if args.dtype == "auto" else getattr(torch, args.dtype)
 
 
+def _video_options(args) -> dict:
+    """The decoding options given on the command line (`--frame-selection`, ...); the rest keep their defaults."""
+    names = ("frame_selection", "frame_transform", "audio_precision")
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
 def _pipeline(task: str, args):
     from .pipelines import cav_mae_pipeline
 
@@ -175,7 +181,11 @@ def run_classify(args) -> int:
     _check_architecture(args.model, "CavMaeForAudioVisualClassification", "classification")
     classifier = _pipeline(CLASSIFICATION_TASK, args)
     outputs = classifier(
-        (video for video in videos), batch_size=args.batch_size, num_frames=args.num_frames, top_k=args.top_k
+        (video for video in videos),
+        batch_size=args.batch_size,
+        num_frames=args.num_frames,
+        top_k=args.top_k,
+        **_video_options(args),
     )
     results = [
         {"input": video, "labels": labels}
@@ -193,7 +203,7 @@ def _label_line(entry: dict) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 def run_embed(args) -> int:
     from .pipelines import FEATURE_EXTRACTION_TASK
-    from .retrieval import RetrievalIndex
+    from .retrieval import RetrievalIndex, index_metadata
 
     if args.output is None and not args.json:
         raise UsageError("Give --output FILE.safetensors (an index for `cavmae retrieve`), --json, or both.")
@@ -205,14 +215,17 @@ def run_embed(args) -> int:
     _check_counts(args)
     extractor = _pipeline(FEATURE_EXTRACTION_TASK, args)
     outputs = extractor(
-        (source for source in sources), batch_size=args.batch_size, num_frames=args.num_frames, return_tensors=True
+        (source for source in sources),
+        batch_size=args.batch_size,
+        num_frames=args.num_frames,
+        return_tensors=True,
+        **_video_options(args),
     )
     clips = list(_progress(outputs, len(sources), "embedding", args))
     summary = {"clips": len(clips)}
     if args.output is not None:
-        index = RetrievalIndex.from_clip_embeddings(
-            sources, clips, metadata={"model": args.model, "num_frames": str(args.num_frames)}
-        )
+        metadata = index_metadata(args.model, args.num_frames, _video_options(args))
+        index = RetrievalIndex.from_clip_embeddings(sources, clips, metadata=metadata)
         index.save(args.output)
         summary.update(index=str(args.output), modalities=list(index.modalities), dim=index.dim)
     if args.json:
@@ -253,6 +266,7 @@ def run_retrieve(args) -> int:
             query_modality=args.query_modality,
             target_modality=args.target_modality,
             num_frames=args.num_frames,
+            video_options=_video_options(args),
         )
         results.append({"query": query, "hits": [hit.to_dict() for hit in hits]})
     return _report(args, results, _grouped_lines(results, "query", "hits", _hit_line))

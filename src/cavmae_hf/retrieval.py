@@ -31,6 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from .configuration_cav_mae import CavMaeError
+from .media import AUDIO_PRECISIONS, FRAME_SELECTIONS, FRAME_TRANSFORMS
 from .modeling_cav_mae import AUDIO, VISUAL
 from .pipelines import (
     DEFAULT_NUM_FRAMES,
@@ -44,6 +45,12 @@ INDEX_VERSION = "1"
 INDEX_SUFFIX = ".safetensors"
 MODALITIES = (AUDIO, VISUAL)
 EMBEDDING_KEYS = {AUDIO: "audio_embeds", VISUAL: "visual_embeds"}
+# `cavmae_hf.media.load_video`'s decoding options and their defaults (the reference's preprocessing)
+VIDEO_OPTION_DEFAULTS = {
+    "frame_selection": FRAME_SELECTIONS[0],
+    "frame_transform": FRAME_TRANSFORMS[0],
+    "audio_precision": AUDIO_PRECISIONS[0],
+}
 
 
 class RetrievalError(CavMaeError):
@@ -272,18 +279,39 @@ def embed_clips(
     batch_size: int = 1,
     progress: bool = False,
     total: int | None = None,
+    video_options: dict | None = None,
 ) -> list[dict[str, torch.Tensor]]:
-    """Per-clip embeddings (`audio_embeds` `[D]`, `visual_embeds` `[D]`, ...) of `sources` (paths or clip dicts)."""
+    """Per-clip embeddings (`audio_embeds` `[D]`, `visual_embeds` `[D]`, ...) of `sources` (paths or clip dicts);
+    `video_options`: `load_video`'s `frame_selection` / `frame_transform` / `audio_precision` for video files."""
     extractor = feature_extraction_pipeline(extractor)
     sources = list(sources)
     outputs = extractor(
-        (source for source in sources), batch_size=batch_size, num_frames=num_frames, return_tensors=True
+        (source for source in sources),
+        batch_size=batch_size,
+        num_frames=num_frames,
+        return_tensors=True,
+        **(video_options or {}),
     )
     if progress:
         from tqdm.auto import tqdm
 
         outputs = tqdm(outputs, total=total or len(sources), desc="embedding", unit="clip")
     return list(outputs)
+
+
+def index_metadata(model_name: str, num_frames: int, video_options: dict | None = None) -> dict[str, str]:
+    """What an index records of how its clips were embedded: the model, the frames per clip and every decoding
+    option (the defaults written out), so that queries can be decoded the same way."""
+    unknown = set(video_options or {}) - set(VIDEO_OPTION_DEFAULTS)
+    if unknown:
+        raise RetrievalError(f"Unknown video options {sorted(unknown)}; known: {sorted(VIDEO_OPTION_DEFAULTS)}.")
+    options = {**VIDEO_OPTION_DEFAULTS, **{k: v for k, v in (video_options or {}).items() if v is not None}}
+    return {"model": str(model_name), "num_frames": str(num_frames), **options}
+
+
+def recorded_video_options(index: "RetrievalIndex") -> dict[str, str]:
+    """The decoding options an index was built with (none for indexes written before they were recorded)."""
+    return {name: index.metadata[name] for name in VIDEO_OPTION_DEFAULTS if name in index.metadata}
 
 
 def build_index(
@@ -293,16 +321,19 @@ def build_index(
     num_frames: int = DEFAULT_NUM_FRAMES,
     batch_size: int = 1,
     progress: bool = False,
+    video_options: dict | None = None,
 ) -> RetrievalIndex:
     """Embed `sources` (paths of videos / audio files / images, or clip dicts) into a [`RetrievalIndex`] keyed by
     `keys` (default: the paths). `extractor`: a model directory, a loaded CAV-MAE model or a feature-extraction
-    pipeline."""
+    pipeline. `video_options` (see `embed_clips`) are recorded in the index's metadata."""
     sources = list(sources)
     if keys is None:
         keys = [str(source) if not isinstance(source, dict) else str(index) for index, source in enumerate(sources)]
     extractor = feature_extraction_pipeline(extractor)
-    clips = embed_clips(extractor, sources, num_frames=num_frames, batch_size=batch_size, progress=progress)
-    metadata = {"model": str(getattr(extractor.model, "name_or_path", "") or ""), "num_frames": str(num_frames)}
+    metadata = index_metadata(getattr(extractor.model, "name_or_path", "") or "", num_frames, video_options)
+    clips = embed_clips(
+        extractor, sources, num_frames=num_frames, batch_size=batch_size, progress=progress, video_options=video_options
+    )
     return RetrievalIndex.from_clip_embeddings(keys, clips, metadata)
 
 
@@ -333,14 +364,17 @@ def search(
     query_modality: str | None = None,
     target_modality: str | None = None,
     num_frames: int = DEFAULT_NUM_FRAMES,
+    video_options: dict | None = None,
 ) -> list[RetrievalHit] | list[list[RetrievalHit]]:
     """
     Search `index` with one query (a video, audio file or image path, or a clip dict) or a list of them.
-    Returns a list of [`RetrievalHit`] per query (just one list for a single query).
+    Returns a list of [`RetrievalHit`] per query (just one list for a single query). Video queries are decoded with
+    the options the index was built with, unless `video_options` says otherwise.
     """
     single = not isinstance(queries, list)
     queries = [queries] if single else queries
-    embedded = embed_clips(extractor, queries, num_frames=num_frames)
+    options = {**recorded_video_options(index), **{k: v for k, v in (video_options or {}).items() if v is not None}}
+    embedded = embed_clips(extractor, queries, num_frames=num_frames, video_options=options)
     pairs = [default_modalities(query, index, query_modality, target_modality) for query in embedded]
     results = [None] * len(queries)
     for source, target in dict.fromkeys(pairs):  # one batched matrix product per (query, gallery) modality pair
