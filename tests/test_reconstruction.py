@@ -13,6 +13,8 @@ from cavmae_hf import reconstruction as reconstruction_module
 from cavmae_hf.feature_extraction_cav_mae import IMAGENET_MEAN, IMAGENET_STD
 from cavmae_hf.modeling_cav_mae import CavMaeInputError, patchify
 from cavmae_hf.reconstruction import (
+    masked_patch_errors,
+    masking_noise,
     reconstruct,
     reconstruct_clip,
     render_reconstruction,
@@ -102,6 +104,34 @@ def test_masks_follow_the_seed_and_the_config_is_restored():
     assert not np.array_equal(first.visual_mask, other.visual_mask)
     assert (model.config.audio_mask_ratio, model.config.audio_mask_mode) == (0.75, "unstructured")
     assert model.config.contrastive_loss_weight == 0.01
+
+
+def test_masked_patch_errors_of_the_model_and_of_a_baseline_use_the_same_masks():
+    model = pretraining_model(False)
+    audio, frames = random_inputs(model.config, batch_size=3)
+    errors = masked_patch_errors(model, audio, frames, audio[0], frames[0], seed=4, batch_size=2)
+    # the first clip's own input as its baseline: no error on it, so the baseline error is that of the other two
+    first = masked_patch_errors(model, audio[:1], frames[:1], audio[0], frames[0], seed=4)
+    assert first["audio_baseline_mse"] == 0 and first["visual_baseline_mse"] == 0
+    # the model's error is its own masked loss, with the masks drawn from the seed (per batch of `batch_size`)
+    audio_noise, visual_noise = masking_noise(model.config, 2, seed=4)
+    with torch.no_grad():
+        output = model(audio[:2], frames[:2], audio_noise=audio_noise, visual_noise=visual_noise)
+    rest = masked_patch_errors(model, audio[2:], frames[2:], audio[0], frames[0], seed=5)
+    expected_audio = (2 * float(output.audio_mae_loss) + rest["audio_mse"]) / 3
+    assert errors["audio_mse"] == pytest.approx(expected_audio, rel=1e-5)
+    mean = errors["visual_baseline_mse"]
+    assert mean > 0 and errors["visual_mse"] > 0
+    assert masked_patch_errors(model, audio, frames, audio[0], frames[0], seed=4) != masked_patch_errors(
+        model, audio, frames, audio[0], frames[0], seed=9
+    )
+
+
+def test_masked_patch_errors_need_unnormalised_predictions():
+    model = pretraining_model(True)
+    audio, frames = random_inputs(model.config, batch_size=1)
+    with pytest.raises(CavMaeInputError, match="norm_pix_loss=False"):
+        masked_patch_errors(model, audio, frames, audio[0], frames[0])
 
 
 def test_needs_a_pretraining_model():

@@ -31,7 +31,9 @@ from transformers.utils import logging
 from .feature_extraction_cav_mae import IMAGENET_MEAN, IMAGENET_STD, CavMaeFeatureExtractor
 from .modeling_cav_mae import (
     CavMaeInputError,
+    image_to_spectrogram,
     patchify,
+    reconstruction_loss,
     spectrogram_to_image,
     structured_audio_noise,
     unpatchify,
@@ -126,6 +128,19 @@ def _paste(original: torch.Tensor, predictions: torch.Tensor, mask: torch.Tensor
     return predicted, mask_image, original * (1 - mask_image) + predicted * mask_image
 
 
+def display_spectrograms(input_features: torch.Tensor, audio_mean: float = -5.081, audio_std: float = 4.4849):
+    """Normalised fbank `[B, T, F]` -> log-mel `[B, F, T]` (frequency up the rows) with the feature normalisation
+    undone, as a numpy array."""
+    return (spectrogram_to_image(input_features.float())[:, 0] * audio_std + audio_mean).cpu().numpy()
+
+
+def display_images(pixel_values: torch.Tensor, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD):
+    """Normalised frames `[B, 3, H, W]` -> RGB `[B, H, W, 3]` in [0, 1], as a numpy array."""
+    mean = torch.tensor(image_mean, device=pixel_values.device).view(1, 3, 1, 1)
+    std = torch.tensor(image_std, device=pixel_values.device).view(1, 3, 1, 1)
+    return (pixel_values.float() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+
+
 @torch.no_grad()
 def reconstruct(
     model,
@@ -193,13 +208,10 @@ def reconstruct(
     )
 
     def to_log_mel(image):  # [B, 1, F, T] -> [B, F, T]
-        return (image[:, 0] * audio_std + audio_mean).cpu().numpy()
-
-    mean = torch.tensor(image_mean, device=frames.device).view(1, 3, 1, 1)
-    std = torch.tensor(image_std, device=frames.device).view(1, 3, 1, 1)
+        return display_spectrograms(image_to_spectrogram(image), audio_mean, audio_std)
 
     def to_rgb(image):  # [B, 3, H, W] -> [B, H, W, 3] in [0, 1]
-        return (image * std + mean).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+        return display_images(image, image_mean, image_std)
 
     spectrogram, reconstructed_spectrogram = to_log_mel(spectrograms), to_log_mel(audio_pasted)
     masked_spectrogram = np.where(audio_mask_image[:, 0].cpu().numpy() > 0.5, np.nan, spectrogram)
@@ -225,6 +237,57 @@ def reconstruct(
         )
         for i in range(input_features.shape[0])
     ]
+
+
+@torch.no_grad()
+def masked_patch_errors(
+    model,
+    input_features: torch.Tensor,
+    pixel_values: torch.Tensor,
+    audio_baseline: torch.Tensor,
+    visual_baseline: torch.Tensor,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """
+    How well a model pretrained with `norm_pix_loss=False` fills in removed patches, next to a baseline that knows
+    nothing of the clip: the mean squared error on the removed patches (the config's masking ratios, masks drawn
+    from `seed`) of the model's predictions and of `audio_baseline` `[T, F]` / `visual_baseline` `[3, H, W]`
+    predicted for every clip (e.g. the mean of the training clips), in the model's input units.
+
+    Args:
+        input_features: `[N, T, F]` normalised fbank. pixel_values: `[N, 3, H, W]` normalised frames.
+    Returns:
+        `audio_mse`, `audio_baseline_mse`, `visual_mse`, `visual_baseline_mse`.
+    """
+    config = model.config
+    if config.norm_pix_loss:
+        raise CavMaeInputError(
+            "masked_patch_errors compares predictions with the input, so it needs a model pretrained with "
+            "norm_pix_loss=False (this one predicts per-patch normalised patches)."
+        )
+    device, dtype = model.device, model.dtype
+    sums = dict.fromkeys(("audio_mse", "audio_baseline_mse", "visual_mse", "visual_baseline_mse"), 0.0)
+    for batch, start in enumerate(range(0, len(input_features), batch_size)):
+        audio = input_features[start : start + batch_size].to(device=device, dtype=dtype)
+        frames = pixel_values[start : start + batch_size].to(device=device, dtype=dtype)
+        audio_noise, visual_noise = masking_noise(config, len(audio), seed + batch, device)
+        with config_overrides(config, mae_loss_weight=config.mae_loss_weight or 1.0, contrastive_loss_weight=0.0):
+            output = model(audio, frames, audio_noise=audio_noise, visual_noise=visual_noise, return_dict=True)
+        spectrograms = spectrogram_to_image(audio)
+        audio_guess = spectrogram_to_image(audio_baseline.to(audio)[None]).expand_as(spectrograms)
+        audio_guess = patchify(audio_guess, config.patch_size)
+        visual_guess = patchify(visual_baseline.to(frames)[None].expand_as(frames), config.patch_size)
+        errors = {
+            "audio_mse": (spectrograms, output.audio_logits, output.audio_mask),
+            "audio_baseline_mse": (spectrograms, audio_guess, output.audio_mask),
+            "visual_mse": (frames, output.visual_logits, output.visual_mask),
+            "visual_baseline_mse": (frames, visual_guess, output.visual_mask),
+        }
+        for name, (target, prediction, mask) in errors.items():
+            error = reconstruction_loss(target, prediction.float(), mask.float(), config.patch_size, False)
+            sums[name] += float(error) * len(audio)  # every clip has the same number of removed patches
+    return {name: total / len(input_features) for name, total in sums.items()}
 
 
 def reconstruct_clip(
