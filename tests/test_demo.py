@@ -83,14 +83,17 @@ def test_quick_demo_reports_wall_and_cpu_time_of_every_step(quick_run):
 
 
 def test_time_left_follows_the_pace_of_the_finished_steps(monkeypatch, capsys):
-    clock = iter([0.0, 0.0, 10.0])  # start; begin "a"; done "a" after 10 s where 5 s were expected
+    clock = iter([0.0, 0.0, 6.0, 6.0, 26.0])  # start; "a" takes 6 s where 5 were expected, "b" 20 s where 10 were
     monkeypatch.setattr(demo.time, "perf_counter", lambda: next(clock))
-    progress = demo._Progress({"a": 5.0, "b": 20.0})
-    assert progress.seconds_left() == 25.0
+    progress = demo._Progress({"a": 5.0, "b": 10.0, "c": 20.0})
+    assert progress.seconds_left() == 35.0
     progress.begin("a", "first")
     progress.done()
-    assert progress.seconds_left() == 40.0  # twice as slow as expected: b's 20 s become 40 s
-    assert "[1/2] first  (about 25 s left)" in capsys.readouterr().out
+    assert progress.seconds_left() == pytest.approx(1.2 * 30.0)  # 20 % slower than expected so far
+    progress.begin("b", "second")
+    progress.done()
+    assert progress.seconds_left() == pytest.approx(demo.MAX_PACE_CORRECTION * 20.0)  # 26 / 15 s, capped
+    assert "[1/3] first  (about 35 s left)" in capsys.readouterr().out
 
 
 def test_clips_written_by_several_processes_are_the_clips_of_one(tmp_path):

@@ -76,8 +76,8 @@ _SIZE_TABLE = {
     "decoder_hidden_size": (64, 32),
     "decoder_num_hidden_layers": (2, 2),
     "batch_size": (32, 16),
-    "pretrain_epochs": (50, 100),
-    "finetune_epochs": (4, 6),
+    "pretrain_epochs": (40, 100),
+    "finetune_epochs": (4, 4),
     "learning_rate": (5e-3, 5e-3),
     "finetune_learning_rate": (2e-4, 1e-3),
     "processes": (2, 1),
@@ -181,10 +181,13 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
 
 
+MAX_PACE_CORRECTION = 1.5
+
+
 class _Progress:
     """Numbered steps: what each does, how long it took (wall and CPU time) and an estimate of the time left.
     `expected` gives each step's expected seconds, in order; the estimate scales what is left by how the finished
-    steps compared with their expectation."""
+    steps compared with their expectation (by at most `MAX_PACE_CORRECTION`)."""
 
     def __init__(self, expected: dict[str, float]):
         self.expected = expected
@@ -206,6 +209,8 @@ class _Progress:
         finished_expected = sum(self.expected[name] for name in self.timings)
         finished_actual = sum(timing["wall_seconds"] for timing in self.timings.values())
         pace = finished_actual / finished_expected if finished_expected > 0 and finished_actual > 0 else 1.0
+        # the first steps (writing and decoding files) say little about training: trust them within limits
+        pace = min(max(pace, 1 / MAX_PACE_CORRECTION), MAX_PACE_CORRECTION)
         return pace * sum(seconds for name, seconds in self.expected.items() if name not in self.timings)
 
     def summary(self) -> dict:
