@@ -120,8 +120,7 @@ def test_masked_patch_errors_of_the_model_and_of_a_baseline_use_the_same_masks()
     rest = masked_patch_errors(model, audio[2:], frames[2:], audio[0], frames[0], seed=5)
     expected_audio = (2 * float(output.audio_mae_loss) + rest["audio_mse"]) / 3
     assert errors["audio_mse"] == pytest.approx(expected_audio, rel=1e-5)
-    mean = errors["visual_baseline_mse"]
-    assert mean > 0 and errors["visual_mse"] > 0
+    assert errors["visual_baseline_mse"] > 0 and errors["visual_mse"] > 0
     assert masked_patch_errors(model, audio, frames, audio[0], frames[0], seed=4) != masked_patch_errors(
         model, audio, frames, audio[0], frames[0], seed=9
     )

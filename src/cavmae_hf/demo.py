@@ -221,10 +221,11 @@ class _Progress:
         }
 
 
-# What each step costs, in pretraining steps of the demo model (timed at start-up) per unit of work, measured on
-# 2 idle cores: a clip written, a clip decoded, a training step, a clip evaluated.
-_COST_PER_UNIT = {"write": 0.12, "decode": 0.06, "pretrain_step": 1.2, "finetune_step": 2.0, "eval_clip": 0.02}
-_FIXED_COST = {"figure": 12.0}  # in pretraining steps: loading the pipeline, drawing and saving the figure
+# What each step costs, in forward + backward passes of the demo's pretraining model (timed at start-up) per unit of
+# work, from the CPU times of a full run: a clip written or decoded (per process), a pretraining step (with the
+# optimizer and the data), a fine-tuning step (with its evaluations), a clip evaluated.
+_COST_PER_UNIT = {"write": 0.2, "decode": 0.15, "pretrain_step": 1.3, "finetune_step": 3.2, "eval_clip": 0.04}
+_FIXED_COST = {"figure": 24.0}  # loading the pipeline, classifying a video, drawing and saving the figure
 
 
 def expected_seconds(settings: DemoSettings, seconds_per_step: float) -> dict[str, float]:
