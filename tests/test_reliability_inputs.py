@@ -910,7 +910,7 @@ def _formerly_bare_errors(tmp_path):
         (CavMaeConfigError, "problem_type='regression'", lambda: metrics.classification_metrics("regression")),
         (RetrievalError, "one target per query", lambda: metrics.true_pair_ranks(torch.ones(3, 4), torch.ones(2, 4))),
         (CavMaeConfigError, "num_classes must be between 1 and", lambda: synthetic.class_specs(0)),
-        (CavMaeConfigError, "Unknown timbre 'kazoo'", lambda: synthetic._timbre_wave("kazoo", 440.0, np.zeros(4), None)),
+        (CavMaeConfigError, "Unknown timbre 'kazoo'", lambda: synthetic._timbre_wave("kazoo", 440.0, 0.5, np.zeros(4), np.random.default_rng(0))),
         (CavMaeConfigError, "lr_schedule", lambda: training.CavMaeTrainingArguments(**arguments, lr_schedule="cosine")),
         (CavMaeConfigError, "lr_decay_every", lambda: training.CavMaeTrainingArguments(**arguments, lr_decay_every=0)),
         (
