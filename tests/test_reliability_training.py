@@ -8,6 +8,7 @@ final model is saved atomically; a failing DDP process ends the run quickly with
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -520,4 +521,22 @@ def test_skipping_a_clip_under_ddp_keeps_training(tmp_path, decoded_dir):
     assert [entry["skipped_clips"] for entry in history if "loss" in entry][-1] == 2  # once per epoch, all ranks
     # Both processes destroyed the group before exit: no gloo thread is left to take the GIL while the interpreter
     # shuts down (which aborted ~1 run in 5 after the model was saved; see cavmae_hf.distributed)
+    assert finished.stderr.count(f"{COLLECTIVE_THREADS_MARKER} 0") == 2, finished.stderr[-3000:]
+
+
+def test_streaming_under_ddp_trains_its_epochs_of_full_global_batches(tmp_path, decoded_dir):
+    """12 clips streamed to 2 processes of 3: 2 global batches an epoch, 2 epochs, as the Trainer counts them."""
+    command = [
+        _torchrun(), "--standalone", "--nproc_per_node", "2", str(RUN_SCRIPT),
+        str(decoded_dir), str(tmp_path / "out"), "--streaming_buffer", "8",
+    ]  # fmt: skip
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, env=_environment())
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert finished.stderr.count("training set: TransformedStream") == 2  # streamed in both processes
+    state = json.loads((Path(last_complete_checkpoint(tmp_path / "out")) / "trainer_state.json").read_text())
+    assert state["global_step"] == 4 and state["max_steps"] == 4
+    logged = [entry for entry in state["log_history"] if "loss" in entry]
+    assert [entry["step"] for entry in logged] == [1, 2, 3, 4]
+    assert [entry["epoch"] for entry in logged] == [0.5, 1.0, 1.5, 2.0]
+    assert all(math.isfinite(entry["loss"]) for entry in logged)
     assert finished.stderr.count(f"{COLLECTIVE_THREADS_MARKER} 0") == 2, finished.stderr[-3000:]

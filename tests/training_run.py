@@ -136,6 +136,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--break_clips", default="")
     parser.add_argument("--evaluate_broken", type=int, default=None)
+    parser.add_argument("--streaming_buffer", type=int, default=None, help="stream the clips with this shuffle buffer")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     callbacks = []
@@ -151,11 +152,13 @@ def main(argv=None) -> int:
         clips,
         args.output_dir,
         callbacks,
+        streaming_buffer=args.streaming_buffer,
         max_steps=args.max_steps,
         save_steps=args.save_steps,
         ddp_timeout=args.ddp_timeout,
         dataloader_num_workers=args.workers,
     )
+    print(f"training set: {type(trainer.train_dataset).__name__}", file=sys.stderr, flush=True)
     trainer.train()
     if args.evaluate_broken is not None:
         evaluation = break_clips(clips, [args.evaluate_broken], Path(args.output_dir) / "missing.mp4")
