@@ -13,8 +13,9 @@ trap 'kill $busy' EXIT
 failed=0
 for run in $(seq 1 "$runs"); do
     start=$SECONDS
-    summary=$(python -m pytest -q -p no:cacheprovider -x "$@" 2>&1 | tail -1)
-    status=${PIPESTATUS[0]}
+    output=$(python -m pytest -q -p no:cacheprovider -x "$@" 2>&1)
+    status=$?
+    summary=$(tail -n 1 <<< "$output")
     [ "$status" -eq 0 ] || failed=$((failed + 1))
     echo "run $run: $((SECONDS - start)) s, load $(cut -d' ' -f1 /proc/loadavg): $summary"
 done
