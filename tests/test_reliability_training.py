@@ -461,13 +461,16 @@ def _torchrun() -> str:
     return torchrun
 
 
+def _torchrun_training(tmp_path, decoded_dir, *flags) -> subprocess.CompletedProcess:
+    """tests/training_run.py on `decoded_dir` in 2 processes under torchrun, with `flags`."""
+    command = [_torchrun(), "--standalone", "--nproc_per_node", "2", str(RUN_SCRIPT), str(decoded_dir),
+               str(tmp_path / "out"), *flags]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, env=_environment())
+
+
 def test_a_failing_rank_ends_a_torchrun_run_with_an_error_naming_it(tmp_path, decoded_dir):
-    command = [
-        _torchrun(), "--standalone", "--nproc_per_node", "2", str(RUN_SCRIPT),
-        str(decoded_dir), str(tmp_path / "out"), "--fail_on_rank", "1", "--fail_at_step", "2",
-    ]  # fmt: skip
     start = time.monotonic()
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, env=_environment())
+    finished = _torchrun_training(tmp_path, decoded_dir, "--fail_on_rank", "1", "--fail_at_step", "2")
     elapsed = time.monotonic() - start
     assert finished.returncode != 0 and elapsed < SUBPROCESS_TIMEOUT
     assert INJECTED_FAILURE in finished.stderr
@@ -498,11 +501,7 @@ def test_survivors_exit_on_their_own_without_a_launcher(tmp_path, decoded_dir):
 
 def test_a_broken_clip_in_distributed_evaluation_is_a_clear_error(tmp_path, decoded_dir):
     """Skipping would leave one process a smaller batch: gloo then aborts, or gathers garbage. Fail clearly."""
-    command = [
-        _torchrun(), "--standalone", "--nproc_per_node", "2", str(RUN_SCRIPT),
-        str(decoded_dir), str(tmp_path / "out"), "--max_steps", "1", "--evaluate_broken", "3",
-    ]  # fmt: skip
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, env=_environment())
+    finished = _torchrun_training(tmp_path, decoded_dir, "--max_steps", "1", "--evaluate_broken", "3")
     assert finished.returncode != 0
     assert "CavMaeDataError: Could not load clip" in finished.stderr
     assert "cannot be skipped in distributed evaluation" in finished.stderr
@@ -510,11 +509,7 @@ def test_a_broken_clip_in_distributed_evaluation_is_a_clear_error(tmp_path, deco
 
 def test_skipping_a_clip_under_ddp_keeps_training(tmp_path, decoded_dir):
     """The process that skipped the clip has a smaller batch; the contrastive all-gather pads to the largest."""
-    command = [
-        _torchrun(), "--standalone", "--nproc_per_node", "2", str(RUN_SCRIPT),
-        str(decoded_dir), str(tmp_path / "out"), "--break_clips", "4",
-    ]  # fmt: skip
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, env=_environment())
+    finished = _torchrun_training(tmp_path, decoded_dir, "--break_clips", "4")
     assert finished.returncode == 0, finished.stderr[-3000:]
     state = Path(last_complete_checkpoint(tmp_path / "out")) / "trainer_state.json"
     history = json.loads(state.read_text())["log_history"]
@@ -526,11 +521,7 @@ def test_skipping_a_clip_under_ddp_keeps_training(tmp_path, decoded_dir):
 
 def test_streaming_under_ddp_trains_its_epochs_of_full_global_batches(tmp_path, decoded_dir):
     """12 clips streamed to 2 processes of 3: 2 global batches an epoch, 2 epochs, as the Trainer counts them."""
-    command = [
-        _torchrun(), "--standalone", "--nproc_per_node", "2", str(RUN_SCRIPT),
-        str(decoded_dir), str(tmp_path / "out"), "--streaming_buffer", "8",
-    ]  # fmt: skip
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, env=_environment())
+    finished = _torchrun_training(tmp_path, decoded_dir, "--streaming_buffer", "8")
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert finished.stderr.count("training set: TransformedStream") == 2  # streamed in both processes
     state = json.loads((Path(last_complete_checkpoint(tmp_path / "out")) / "trainer_state.json").read_text())
