@@ -31,7 +31,6 @@ from transformers.utils import logging
 from .feature_extraction_cav_mae import IMAGENET_MEAN, IMAGENET_STD, CavMaeFeatureExtractor
 from .modeling_cav_mae import (
     CavMaeInputError,
-    image_to_spectrogram,
     patchify,
     reconstruction_loss,
     spectrogram_to_image,
@@ -131,7 +130,12 @@ def _paste(original: torch.Tensor, predictions: torch.Tensor, mask: torch.Tensor
 def display_spectrograms(input_features: torch.Tensor, audio_mean: float = -5.081, audio_std: float = 4.4849):
     """Normalised fbank `[B, T, F]` -> log-mel `[B, F, T]` (frequency up the rows) with the feature normalisation
     undone, as a numpy array."""
-    return (spectrogram_to_image(input_features.float())[:, 0] * audio_std + audio_mean).cpu().numpy()
+    return _log_mel_of_images(spectrogram_to_image(input_features.float()), audio_mean, audio_std)
+
+
+def _log_mel_of_images(images: torch.Tensor, audio_mean: float, audio_std: float):
+    """Normalised spectrogram images `[B, 1, F, T]` -> log-mel `[B, F, T]` with the normalisation undone (numpy)."""
+    return (images[:, 0] * audio_std + audio_mean).cpu().numpy()
 
 
 def display_images(pixel_values: torch.Tensor, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD):
@@ -208,7 +212,7 @@ def reconstruct(
     )
 
     def to_log_mel(image):  # [B, 1, F, T] -> [B, F, T]
-        return display_spectrograms(image_to_spectrogram(image), audio_mean, audio_std)
+        return _log_mel_of_images(image, audio_mean, audio_std)
 
     def to_rgb(image):  # [B, 3, H, W] -> [B, H, W, 3] in [0, 1]
         return display_images(image, image_mean, image_std)
